@@ -1,0 +1,113 @@
+"""Gateway settings, read from the environment (and `.env`) under the existing gateway's names.
+
+A hospital switching from the Flask gateway keeps its environment file: DCM4CHEE_URL, ROUTER_IP,
+ROUTER_PORT, ROUTER_AET, SS_AUTH_URL, SS_BASE_URL, SS_ORG_ID, SS_CLIENT_ID, SS_CLIENT_SECRET, TEMP_DIR and
+LOG_FILE mean what they meant there. Everything added since has a default that suits one gateway host.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+"""A DICOM AE title: 1 to 16 printable ASCII characters, not all spaces (PS3.5 AE value representation)."""
+
+
+class Settings(BaseSettings):
+    """Where the PACS, the SATUSEHAT platform and the DICOM Router are, and how to reach them."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    # The PACS (dcm4chee or Orthanc), reached over DICOMweb.
+    dcm4chee_url: AnyHttpUrl = Field(
+        alias="DCM4CHEE_URL",
+        description="DICOMweb root of the PACS, e.g. http://pacs:8080/dcm4chee-arc/aets/DCM4CHEE/rs "
+        "or http://orthanc:8042/dicom-web",
+    )
+    pacs_username: str | None = Field(default=None, alias="PACS_USERNAME")
+    pacs_password: SecretStr | None = Field(default=None, alias="PACS_PASSWORD")
+    pacs_timeout_s: float = Field(default=60.0, gt=0, alias="PACS_TIMEOUT_S")
+
+    # The SATUSEHAT DICOM Router (C-STORE SCP).
+    router_ip: str = Field(alias="ROUTER_IP", min_length=1)
+    router_port: int = Field(default=11112, ge=1, le=65535, alias="ROUTER_PORT")
+    router_aet: AeTitle = Field(default="DCMROUTER", alias="ROUTER_AET")
+    calling_aet: AeTitle = Field(default="SATSET", alias="GATEWAY_AET")
+    router_max_associations: int = Field(default=4, ge=1, alias="ROUTER_MAX_ASSOCIATIONS")
+
+    # The SATUSEHAT platform.
+    ss_auth_url: AnyHttpUrl = Field(
+        alias="SS_AUTH_URL", description="e.g. https://api-satusehat-stg.dto.kemkes.go.id/oauth2/v1"
+    )
+    ss_base_url: AnyHttpUrl = Field(
+        alias="SS_BASE_URL", description="e.g. https://api-satusehat-stg.dto.kemkes.go.id/fhir-r4/v1"
+    )
+    ss_org_id: str = Field(alias="SS_ORG_ID", min_length=1, pattern=r"^[A-Za-z0-9-]+$")
+    ss_client_id: str = Field(alias="SS_CLIENT_ID", min_length=1)
+    ss_client_secret: SecretStr = Field(alias="SS_CLIENT_SECRET")
+    ss_timeout_s: float = Field(default=30.0, gt=0, alias="SS_TIMEOUT_S")
+    ss_max_requests_per_second: float | None = Field(default=None, gt=0, alias="SS_MAX_RPS")
+
+    # ImagingStudy appears only after the router has processed the association.
+    imaging_study_deadline_s: float = Field(default=300.0, gt=0, alias="IMAGING_STUDY_DEADLINE_S")
+
+    # Local files.
+    temp_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "satset", alias="TEMP_DIR")
+    log_file: Path | None = Field(default=None, alias="LOG_FILE")
+
+    @field_validator("ss_client_secret")
+    @classmethod
+    def _secret_not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def pacs_root(self) -> str:
+        """The DICOMweb root without a trailing slash."""
+        return str(self.dcm4chee_url).rstrip("/")
+
+    @property
+    def fhir_base(self) -> str:
+        return str(self.ss_base_url).rstrip("/")
+
+    @property
+    def auth_base(self) -> str:
+        return str(self.ss_auth_url).rstrip("/")
+
+
+class SettingsError(Exception):
+    """The environment does not describe a usable gateway; the message names each variable and the rule."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's report into one line per variable, by its environment name, without echoing values."""
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        env_name = Settings.model_fields[name].alias if name in Settings.model_fields else name
+        rule = "is required but not set" if item["type"] == "missing" else item["msg"]
+        lines.append(f"{env_name}: {rule}")
+    return "invalid gateway settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, raising SettingsError that names every missing or malformed variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
