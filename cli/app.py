@@ -1,0 +1,26 @@
+"""`satset`: the gateway's one command. Each subcommand wires a layer to the terminal and nothing more."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import simulator_cmd
+
+app = typer.Typer(
+    name="satset",
+    help="SATUSEHAT radiology gateway: PACS studies and radiology reports to SATUSEHAT, as Prefect flows.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """SATUSEHAT radiology gateway."""
+
+
+app.command("simulator")(simulator_cmd.simulator)
+
+
+def main() -> None:
+    app()
