@@ -1,0 +1,405 @@
+"""Pure builders of the four FHIR R4 resources the gateway POSTs, shaped the way SATUSEHAT accepts them.
+
+Each builder takes a validated input model, the organisation id (and the server ids of resources created
+earlier in the flow) and returns a plain JSON dict: no I/O, no clock, no randomness, so the same input gives
+the same resource and a re-run finds what the first run created by its identifier. Shapes follow the shared
+research (satusehat.md §2) and the public SATUSEHAT examples; every builder validates its output with the
+fhir.resources R4B model before returning, so a builder bug fails here and not as a 400 from the platform.
+
+Every date-time goes out in UTC as `YYYY-MM-DDThh:mm:ss+00:00` (`models.timeutil.to_fhir_datetime`).
+
+Identifier values: the order's ACSN, else the input's `identifier_value` (`resource_identifier_value`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from models.inputs import (
+    Batch1Input,
+    Batch2Input,
+    Batch3Input,
+    DiagnosticReportInput,
+    EncounterInput,
+    ObservationInput,
+    ServiceRequestInput,
+    acquisition_modalities,
+    check_fhir_id,
+)
+from models.timeutil import require_aware, to_fhir_datetime
+
+JsonObject = dict[str, Any]
+
+# --- identifier systems ------------------------------------------------------------------------------------
+
+SYS_IDS_BASE = "http://sys-ids.kemkes.go.id"
+"""SATUSEHAT's namespace for business identifiers; every system below carries the organisation id."""
+
+
+class IdentifierKind(StrEnum):
+    """The identifier systems the radiology flow uses (satusehat.md §2, table of identifier systems)."""
+
+    ENCOUNTER = "encounter"
+    SERVICE_REQUEST = "servicerequest"
+    ACSN = "acsn"
+    """Accession number, on ServiceRequest and ImagingStudy; the DICOM Router searches by it."""
+    OBSERVATION = "observation"
+    DIAGNOSTIC_REPORT_RAD = "diagnostic-rad"
+    """Radiology DiagnosticReport: `diagnostic/{org}/rad` (laboratory would be `/lab`; rule 10432)."""
+    MRN = "mrn"
+    """Medical record number of a contained Patient (the router's worklist service)."""
+
+
+IDENTIFIER_SYSTEM_TEMPLATES: Mapping[IdentifierKind, str] = {
+    IdentifierKind.ENCOUNTER: SYS_IDS_BASE + "/encounter/{org}",
+    IdentifierKind.SERVICE_REQUEST: SYS_IDS_BASE + "/servicerequest/{org}",
+    IdentifierKind.ACSN: SYS_IDS_BASE + "/acsn/{org}",
+    IdentifierKind.OBSERVATION: SYS_IDS_BASE + "/observation/{org}",
+    IdentifierKind.DIAGNOSTIC_REPORT_RAD: SYS_IDS_BASE + "/diagnostic/{org}/rad",
+    IdentifierKind.MRN: SYS_IDS_BASE + "/mrn/{org}",
+}
+"""The one place the sys-ids URLs are written. (Docs also show `accessionno/{org}`; the router uses `acsn`.)"""
+
+AE_TITLE_SYSTEM = SYS_IDS_BASE + "/ae-title"
+"""`ServiceRequest.orderDetail` coding system for the modality's AE title (rule 10427)."""
+
+LOOKUP_IDENTIFIER: Mapping[str, IdentifierKind] = {
+    "Encounter": IdentifierKind.ENCOUNTER,
+    "ServiceRequest": IdentifierKind.ACSN,
+    "ImagingStudy": IdentifierKind.ACSN,
+    "Observation": IdentifierKind.OBSERVATION,
+    "DiagnosticReport": IdentifierKind.DIAGNOSTIC_REPORT_RAD,
+}
+"""Which identifier finds an already-created resource again. A ServiceRequest is found by its ACSN: unique per
+order, and what the router itself searches by (the servicerequest identifier may repeat the visit number)."""
+
+_ORG_ID = re.compile(r"^[A-Za-z0-9-]+$")
+
+
+def identifier_system(kind: IdentifierKind | str, org_id: str) -> str:
+    """`http://sys-ids.kemkes.go.id/<kind>/<org>`: the org must be the client's own (rule 10117)."""
+    if not _ORG_ID.match(org_id or ""):
+        raise ValueError(f"org_id must be the SATUSEHAT organisation id (letters, digits, '-'); got {org_id!r}")
+    return IDENTIFIER_SYSTEM_TEMPLATES[IdentifierKind(kind)].format(org=org_id)
+
+
+def lookup_identifier(resource: Mapping[str, Any], org_id: str) -> tuple[str, str]:
+    """(system, value) by which a built resource is searched for (`?identifier=system|value`)."""
+    resource_type = resource.get("resourceType", "")
+    system = identifier_system(LOOKUP_IDENTIFIER[resource_type], org_id)
+    for item in resource.get("identifier", []):
+        if item.get("system") == system and item.get("value"):
+            return system, item["value"]
+    raise ValueError(f"{resource_type} carries no identifier of system {system}")
+
+
+# --- code systems and codes --------------------------------------------------------------------------------
+
+LOINC = "http://loinc.org"
+SNOMED_CT = "http://snomed.info/sct"
+DICOM_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+V2_0203_IDENTIFIER_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
+V2_0074_DIAGNOSTIC_SECTION = "http://terminology.hl7.org/CodeSystem/v2-0074"
+V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+V3_PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+
+
+@dataclass(frozen=True)
+class Coding:
+    """A fixed FHIR Coding; `as_json` gives a fresh dict each time (no shared mutable state)."""
+
+    system: str
+    code: str
+    display: str | None = None
+
+    def as_json(self) -> JsonObject:
+        coding: JsonObject = {"system": self.system, "code": self.code}
+        if self.display is not None:
+            coding["display"] = self.display
+        return coding
+
+
+ENCOUNTER_CLASS_AMBULATORY = Coding(V3_ACT_CODE, "AMB", "ambulatory")
+PARTICIPANT_ATTENDER = Coding(V3_PARTICIPATION_TYPE, "ATND", "attender")
+IDENTIFIER_TYPE_ACSN = Coding(V2_0203_IDENTIFIER_TYPE, "ACSN")
+SERVICE_REQUEST_CATEGORY_IMAGING = Coding(SNOMED_CT, "363679005", "Imaging")
+OBSERVATION_CATEGORY_IMAGING = Coding(OBSERVATION_CATEGORY, "imaging", "Imaging")
+DIAGNOSTIC_SECTION_RADIOLOGY = Coding(V2_0074_DIAGNOSTIC_SECTION, "RAD", "Radiology")
+
+ENCOUNTER_STATUS = "arrived"
+"""The Encounter is registered on arrival and not finished by the gateway (as the existing gateway did)."""
+SERVICE_REQUEST_STATUS = "active"
+SERVICE_REQUEST_INTENT = "original-order"
+SERVICE_REQUEST_PRIORITY = "routine"
+OBSERVATION_STATUS = "final"
+DIAGNOSTIC_REPORT_STATUS = "final"
+IDENTIFIER_USE_USUAL = "usual"
+IDENTIFIER_USE_OFFICIAL = "official"
+
+
+class FhirBuildError(ValueError):
+    """A builder produced something that is not valid FHIR R4, or lacked an id it needs: a gateway bug."""
+
+
+# --- shared pieces -----------------------------------------------------------------------------------------
+
+
+def _reference(reference: str, display: str | None = None) -> JsonObject:
+    ref: JsonObject = {"reference": reference}
+    if display is not None:
+        ref["display"] = display
+    return ref
+
+
+def _concept(coding: Coding, text: str | None = None) -> JsonObject:
+    concept: JsonObject = {"coding": [coding.as_json()]}
+    if text is not None:
+        concept["text"] = text
+    return concept
+
+
+def _exam_code(code: str, display: str | None, *, with_text: bool = False) -> JsonObject:
+    return _concept(Coding(LOINC, code, display), display if with_text else None)
+
+
+def _linked_id(element: str, explicit: str | None, source: object, field: str) -> str:
+    """The server id of an earlier resource: the caller's (just created) wins over the input's field."""
+    value = explicit if explicit is not None else getattr(source, field, None)
+    if not value:
+        raise FhirBuildError(f"{element} needs {field}: pass it to the builder or give it in the input")
+    try:
+        return check_fhir_id(value)
+    except ValueError as error:
+        raise FhirBuildError(f"{element}: {field} {error}") from None
+
+
+def _fhir_instant(value: datetime | None, fallback: datetime, what: str) -> str:
+    return to_fhir_datetime(fallback if value is None else require_aware(value, what))
+
+
+def resource_identifier_value(source: object) -> str:
+    """The order's ACSN (`noacsn`), else the input's `identifier_value`: deterministic, so a re-run finds it.
+
+    The ACSN comes first because it is unique per exam, while `identifier_value` is the visit number the
+    Encounter carries: two exams in one visit would otherwise share one ServiceRequest identifier, and the
+    second would be refused as a duplicate (or matched to the first exam's resource on a re-run).
+    """
+    value = getattr(source, "noacsn", None) or getattr(source, "identifier_value", None)
+    if not value:
+        raise FhirBuildError(f"{type(source).__name__} has neither noacsn nor identifier_value")
+    return value
+
+
+def validate_resource(resource: Mapping[str, Any]) -> None:
+    """Check a resource against the fhir.resources R4B model; FhirBuildError names every bad element."""
+    resource_type = resource.get("resourceType")
+    if not isinstance(resource_type, str):
+        raise FhirBuildError("resource has no resourceType")
+    try:
+        model = get_fhir_model_class(resource_type)
+    except (KeyError, ValueError):
+        raise FhirBuildError(f"unknown FHIR R4 resource type {resource_type!r}") from None
+    try:
+        model.model_validate(dict(resource))
+    except ValidationError as error:
+        problems = "; ".join(f"{_fhir_path(resource_type, item['loc'])}: {item['msg']}" for item in error.errors())
+        raise FhirBuildError(f"built {resource_type} is not valid FHIR R4 ({problems})") from None
+
+
+def _fhir_path(resource_type: str, loc: tuple[int | str, ...]) -> str:
+    """pydantic's error location as a FHIRPath-like element path: `Encounter.statusHistory[0].status`."""
+    path = resource_type
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _checked(resource: JsonObject) -> JsonObject:
+    validate_resource(resource)
+    return resource
+
+
+# --- the builders ------------------------------------------------------------------------------------------
+
+
+def build_encounter(visit: EncounterInput, org_id: str) -> JsonObject:
+    """An ambulatory Encounter in status `arrived` (Batch1/3/4 inputs are EncounterInputs too).
+
+    The period ends at `period_end` (default start + 10 min, clamped to 'now' at validation); statusHistory
+    repeats it, as SATUSEHAT requires a statusHistory (rule 10122). Location only when the input names one.
+    """
+    period = {"start": to_fhir_datetime(visit.period_start), "end": to_fhir_datetime(visit.encounter_end)}
+    encounter: JsonObject = {
+        "resourceType": "Encounter",
+        "identifier": [
+            {"system": identifier_system(IdentifierKind.ENCOUNTER, org_id), "value": visit.identifier_value}
+        ],
+        "status": ENCOUNTER_STATUS,
+        "class": ENCOUNTER_CLASS_AMBULATORY.as_json(),
+        "subject": _reference(visit.subject_ref, visit.subject_display),
+        "participant": [
+            {
+                "type": [_concept(PARTICIPANT_ATTENDER)],
+                "individual": _reference(visit.attender_ref, visit.individual_display),
+            }
+        ],
+        "period": period,
+    }
+    location_ref = visit.location_ref
+    if location_ref is not None:
+        encounter["location"] = [{"location": _reference(location_ref, visit.location_display)}]
+    encounter["statusHistory"] = [{"status": ENCOUNTER_STATUS, "period": dict(period)}]
+    encounter["serviceProvider"] = _reference(f"Organization/{org_id}")
+    return _checked(encounter)
+
+
+def build_service_request(
+    order: ServiceRequestInput | Batch1Input, org_id: str, *, encounter_id: str | None = None
+) -> JsonObject:
+    """The radiology order, carrying the ACSN the DICOM Router links the study by.
+
+    `encounter_id` is the Encounter just created (batches); standalone input carries its own. Occurrence and
+    authoredOn are `period_start`, as the existing gateway sent them.
+    """
+    encounter = _linked_id("ServiceRequest.encounter", encounter_id, order, "encounter_id")
+    when = to_fhir_datetime(order.period_start)
+    requester = order.requester_ref
+    if requester is None:
+        raise FhirBuildError("ServiceRequest.requester needs requester_reference (rule 10376)")
+    order_detail: list[JsonObject] = [
+        _concept(
+            Coding(DICOM_DCM, order.modality, acquisition_modalities().get(order.modality)),
+            f"Modality Code: {order.modality}",
+        )
+    ]
+    if order.ae_title is not None:
+        order_detail.append({"coding": [{"system": AE_TITLE_SYSTEM, "display": order.ae_title}]})
+    service_request: JsonObject = {
+        "resourceType": "ServiceRequest",
+        "identifier": [
+            {
+                "system": identifier_system(IdentifierKind.SERVICE_REQUEST, org_id),
+                "value": resource_identifier_value(order),
+            },
+            {
+                "use": IDENTIFIER_USE_USUAL,
+                "type": _concept(IDENTIFIER_TYPE_ACSN),
+                "system": identifier_system(IdentifierKind.ACSN, org_id),
+                "value": order.noacsn,
+            },
+        ],
+        "status": SERVICE_REQUEST_STATUS,
+        "intent": SERVICE_REQUEST_INTENT,
+        "priority": SERVICE_REQUEST_PRIORITY,
+        "category": [_concept(SERVICE_REQUEST_CATEGORY_IMAGING)],
+        "code": _exam_code(order.codind_code, order.coding_display, with_text=True),
+        "orderDetail": order_detail,
+        "subject": _reference(order.subject_ref, order.subject_display),
+        "encounter": _reference(f"Encounter/{encounter}"),
+        "occurrenceDateTime": when,
+        "authoredOn": when,
+        "requester": _reference(requester, order.requester_name),
+    }
+    performer = order.order_performer_ref
+    if performer is not None:
+        service_request["performer"] = [_reference(performer, order.order_performer_name)]
+    if order.reason_text is not None:
+        service_request["reasonCode"] = [{"text": order.reason_text}]
+    return _checked(service_request)
+
+
+def build_observation(
+    reading: ObservationInput | Batch3Input,
+    org_id: str,
+    *,
+    encounter_id: str | None = None,
+    service_request_id: str | None = None,
+    imaging_study_id: str | None = None,
+    issued: datetime | None = None,
+) -> JsonObject:
+    """The radiologist's reading: category imaging, based on the order, derived from the ImagingStudy.
+
+    Ids passed here win over the input's (batches pass what they just created or found). `issued` is when
+    the reading was made available; default `period_start`, like the existing gateway, which keeps the
+    builder deterministic. Pass the flow's clock to report the real time.
+    """
+    encounter = _linked_id("Observation.encounter", encounter_id, reading, "encounter_id")
+    service_request = _linked_id("Observation.basedOn", service_request_id, reading, "service_request_id")
+    imaging_study = _linked_id("Observation.derivedFrom", imaging_study_id, reading, "imaging_study_id")
+    observation: JsonObject = {
+        "resourceType": "Observation",
+        "identifier": [
+            {
+                "system": identifier_system(IdentifierKind.OBSERVATION, org_id),
+                "value": resource_identifier_value(reading),
+            }
+        ],
+        "status": OBSERVATION_STATUS,
+        "category": [_concept(OBSERVATION_CATEGORY_IMAGING)],
+        "code": _exam_code(reading.codind_code, reading.coding_display),
+        "subject": _reference(reading.subject_ref, reading.subject_display),
+        "encounter": _reference(f"Encounter/{encounter}"),
+        "effectiveDateTime": to_fhir_datetime(reading.period_start),
+        "issued": _fhir_instant(issued, reading.period_start, "issued"),
+        "performer": [
+            _reference(f"Practitioner/{reading.performer_id}", reading.performer_display),
+            _reference(f"Organization/{org_id}"),
+        ],
+        "basedOn": [_reference(f"ServiceRequest/{service_request}")],
+        "derivedFrom": [_reference(f"ImagingStudy/{imaging_study}")],
+        "valueString": reading.performer_value,
+    }
+    return _checked(observation)
+
+
+def build_diagnostic_report(
+    report: DiagnosticReportInput | Batch2Input | Batch3Input,
+    org_id: str,
+    *,
+    encounter_id: str | None = None,
+    service_request_id: str | None = None,
+    imaging_study_id: str | None = None,
+    observation_id: str | None = None,
+    issued: datetime | None = None,
+) -> JsonObject:
+    """The radiology report: section RAD, the reading as its result, the study, the order, the conclusion.
+
+    Performer is the radiologist and the organisation (as in the SATUSEHAT example). Ids passed here win over
+    the input's; `issued` defaults to `period_start` (see `build_observation`).
+    """
+    encounter = _linked_id("DiagnosticReport.encounter", encounter_id, report, "encounter_id")
+    service_request = _linked_id("DiagnosticReport.basedOn", service_request_id, report, "service_request_id")
+    imaging_study = _linked_id("DiagnosticReport.imagingStudy", imaging_study_id, report, "imaging_study_id")
+    observation = _linked_id("DiagnosticReport.result", observation_id, report, "observation_id")
+    diagnostic_report: JsonObject = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [
+            {
+                "system": identifier_system(IdentifierKind.DIAGNOSTIC_REPORT_RAD, org_id),
+                "use": IDENTIFIER_USE_OFFICIAL,
+                "value": resource_identifier_value(report),
+            }
+        ],
+        "status": DIAGNOSTIC_REPORT_STATUS,
+        "category": [_concept(DIAGNOSTIC_SECTION_RADIOLOGY)],
+        "code": _exam_code(report.codind_code, report.coding_display),
+        "subject": _reference(report.subject_ref, report.subject_display),
+        "encounter": _reference(f"Encounter/{encounter}"),
+        "effectiveDateTime": to_fhir_datetime(report.period_start),
+        "issued": _fhir_instant(issued, report.period_start, "issued"),
+        "performer": [_reference(f"Practitioner/{report.performer_id}"), _reference(f"Organization/{org_id}")],
+        "imagingStudy": [_reference(f"ImagingStudy/{imaging_study}")],
+        "result": [_reference(f"Observation/{observation}", report.coding_display)],
+        "basedOn": [_reference(f"ServiceRequest/{service_request}")],
+        "conclusion": report.conclusion_text,
+    }
+    return _checked(diagnostic_report)
