@@ -4,8 +4,9 @@
     ├── Rejected                    the request itself is wrong: sending it again fails again, do not retry
     │   ├── FhirRejected            SATUSEHAT answered 4xx (OperationOutcome parsed: rule number, text, expression)
     │   │   └── DuplicateResource   the identifier is already registered (rule 20002, HTTP 409, issue code duplicate)
-    │   ├── AuthenticationRejected  the token endpoint refused the client id / secret
+    │   ├── AuthenticationRejected  the token endpoint refused the client id / secret, or the PACS its login
     │   ├── StudyNotFound           the PACS holds no study for that accession number or Study Instance UID
+    │   ├── AmbiguousStudy          the PACS holds several studies for one accession number: none is picked
     │   ├── InstanceRejected        the router refused an instance for a reason resending will not fix
     │   └── AssociationRejected     the router refused the association (called AE title, no common context)
     └── Retryable                   a later attempt may succeed; `retry_after` is a hint in seconds, or None
@@ -84,13 +85,19 @@ class DuplicateResource(FhirRejected):
 
 
 class AuthenticationRejected(Rejected):
-    """The OAuth2 token endpoint refused the client credentials (wrong client id or secret)."""
+    """Credentials refused: SATUSEHAT's token endpoint (client id / secret) or the PACS (its user / password)."""
 
     service: Service | None = "satusehat"
 
 
 class StudyNotFound(Rejected):
     """The PACS has no study matching what was asked for."""
+
+    service: Service | None = "pacs"
+
+
+class AmbiguousStudy(Rejected):
+    """Several PACS studies carry the accession number; routing one at random could file images twice."""
 
     service: Service | None = "pacs"
 

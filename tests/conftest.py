@@ -1,3 +1,3 @@
 """Shared fixtures come from tests/plugins/: each real part (PACS, simulator, ...) has its own module."""
 
-pytest_plugins = ["tests.plugins.simulator"]
+pytest_plugins = ["tests.plugins.pacs", "tests.plugins.simulator"]
