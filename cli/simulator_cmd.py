@@ -5,17 +5,17 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
 from simulator.config import SimulatorConfig
-from simulator.faults import HttpFault
+from simulator.faults import HttpFault, HttpFaultKind
 from simulator.server import start_simulator
 
 _FAULT_HELP = (
-    "Arm an HTTP fault at start-up, KIND:AMOUNT where KIND is 429, 500, 504 or hang and AMOUNT a count (3) "
-    "or a fraction (0.05). Repeatable."
+    "Arm an HTTP fault at start-up, KIND:AMOUNT where KIND is 429, 500, 504, hang or lost-response "
+    "and AMOUNT a count (3) or a fraction (0.05). Repeatable."
 )
 
 
@@ -72,8 +72,8 @@ def simulator(
 
 def _parse_fault(spec: str) -> HttpFault:
     kind, _, amount = spec.partition(":")
-    if kind not in ("429", "500", "504", "hang"):
-        raise typer.BadParameter(f"--fault {spec!r}: KIND must be 429, 500, 504 or hang")
+    if kind not in get_args(HttpFaultKind):
+        raise typer.BadParameter(f"--fault {spec!r}: KIND must be one of {', '.join(get_args(HttpFaultKind))}")
     try:
         value = float(amount or "1")
     except ValueError:

@@ -52,10 +52,13 @@ def create_app(platform: Platform) -> FastAPI:
         if faults.latency_s:
             await asyncio.sleep(faults.latency_s)
         fault = faults.take_http(request.method, path)
-        if fault is not None:
-            store.log_event("fault.http", fault=fault.kind, method=request.method, path=path)
-            return await _fault_response(fault)
-        return await call_next(request)
+        if fault is None:
+            return await call_next(request)
+        store.log_event("fault.http", fault=fault.kind, method=request.method, path=path)
+        if fault.kind == "lost-response":
+            await call_next(request)  # the platform commits; the answer never reaches the client
+            return PlainTextResponse("Gateway Timeout", status_code=504)
+        return await _fault_response(fault)
 
     # --- OAuth2 -----------------------------------------------------------------------------------------
 

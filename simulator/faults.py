@@ -12,13 +12,15 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-HttpFaultKind = Literal["429", "500", "504", "hang"]
+HttpFaultKind = Literal["429", "500", "504", "hang", "lost-response"]
 RouterFaultKind = Literal["abort", "status"]
 
 
 @dataclass
 class HttpFault:
-    """Answer matching requests with 429 (+Retry-After), a JSON 500, a plain-text 504, or hang past the timeout."""
+    """Answer matching requests with 429 (+Retry-After), a JSON 500, a plain-text 504, a hang past the timeout,
+    or `lost-response`: do the work, then answer a plain-text 504 as a gateway that timed out on a backend which
+    committed anyway (the case that makes naive clients create a resource twice)."""
 
     kind: HttpFaultKind
     count: int | None = 1

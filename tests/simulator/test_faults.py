@@ -90,3 +90,14 @@ def test_faults_are_logged_as_events(simulator: SimulatorSession) -> None:
     search(simulator, token)
     events = simulator.http.get(f"{simulator.running.base_url}/admin/events", params={"kind": "fault.http"}).json()
     assert [e["detail"]["fault"] for e in events] == ["429"]
+
+
+def test_lost_response_commits_but_the_client_sees_504(simulator: SimulatorSession) -> None:
+    from tests.plugins.simulator import ORG_ID
+    from tests.simulator.examples import VALID, example
+
+    arm(simulator, kind="lost-response", count=1, path_prefix="/fhir-r4/v1/Encounter", method="POST")
+    encounter = example(VALID["Encounter"], ORG_ID)
+    answer = simulator.fhir("POST", "Encounter", json=encounter)
+    assert answer.status_code == 504 and answer.text == "Gateway Timeout"
+    assert len(simulator.running.platform.store.all("Encounter")) == 1
