@@ -316,8 +316,9 @@ class SubjectFields(GatewayInput):
     """Full reference 'Patient/<IHS>' (overrides subject_id)."""
     subject_id: FhirId | None = Field(default=None, validate_default=True)
     """The patient's IHS number, e.g. P10443013727 (sent as 'Patient/<id>')."""
-    subject_display: NonEmptyText | None = None
-    """The patient's name, as display of the reference."""
+    subject_display: NonEmptyText | None = Field(default=None, exclude=True, repr=False)
+    """The patient's name. Accepted because existing HIS integrations send it, then dropped: SATUSEHAT identifies
+    the patient by IHS number, and a name kept here would travel into Prefect's run records, the UI and logs."""
 
     @field_validator("subject_id")
     @classmethod
