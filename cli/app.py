@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import demo_cmd, simulator_cmd
+from cli import demo_cmd, run_cmd, simulator_cmd
 
 app = typer.Typer(
     name="satset",
@@ -21,6 +21,7 @@ def _root() -> None:
 
 app.command("simulator")(simulator_cmd.simulator)
 app.command("demo")(demo_cmd.demo)
+app.command("run")(run_cmd.run)
 
 
 def main() -> None:

@@ -1,0 +1,31 @@
+"""dicom_process: one study from the PACS to the SATUSEHAT DICOM Router, tags edited (the old /api/dicom/process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.batches import FLOW_OPTIONS
+from flows.steps import StepRecorder
+from models.inputs import DicomProcessInput
+from tasks.artifacts import publish_summary
+from tasks.dicom import locate_study, route_study
+
+
+@flow(name="dicom-process", flow_run_name="dicom-process {payload.accesionnum}", **FLOW_OPTIONS)
+async def dicom_process(payload: DicomProcessInput) -> dict[str, Any]:
+    """Find the study (by UID, else by accession number), set AccessionNumber/PatientID, send it in one association.
+
+    Without `accesionnum` the study keeps the accession number it has in the PACS; the router links it by that.
+    """
+    run = StepRecorder("dicom-process")
+    study = await run.step(
+        "locate_study", locate_study(study_instance_uid=payload.study, accession_number=payload.accesionnum)
+    )
+    accession = payload.accesionnum or study["accession_number"]
+    routed = await run.step("route_study", route_study(study["study_instance_uid"], accession, payload.patientid))
+    result = {**routed, "accession_modified": payload.accesionnum is not None}
+    result.pop("elapsed_s", None)
+    await publish_summary("dicom-process", accession, result, run.durations_s)
+    return result
