@@ -20,9 +20,9 @@ async def dicom_process(payload: DicomProcessInput) -> dict[str, Any]:
     Without `accesionnum` the study keeps the accession number it has in the PACS; the router links it by that.
     """
     run = StepRecorder("dicom-process")
-    study = await run.step(
-        "locate_study", locate_study(study_instance_uid=payload.study, accession_number=payload.accesionnum)
-    )
+    # As the existing gateway did: a given study UID is used as is; the ACSN is then the new value to write.
+    lookup = {"study_instance_uid": payload.study} if payload.study else {"accession_number": payload.accesionnum}
+    study = await run.step("locate_study", locate_study(**lookup))
     accession = payload.accesionnum or study["accession_number"]
     routed = await run.step("route_study", route_study(study["study_instance_uid"], accession, payload.patientid))
     result = {**routed, "accession_modified": payload.accesionnum is not None}
