@@ -10,13 +10,16 @@ from __future__ import annotations
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
 """A DICOM AE title: 1 to 16 printable ASCII characters, not all spaces (PS3.5 AE value representation)."""
+
+
+S = TypeVar("S", bound=BaseSettings)
 
 
 class Settings(BaseSettings):
@@ -84,27 +87,61 @@ class Settings(BaseSettings):
         return str(self.ss_auth_url).rstrip("/")
 
 
+class RisSettings(BaseSettings):
+    """The RIS order table and the poller: where pending exams live and how eagerly they are worked."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
+
+    ris_database_url: str = Field(
+        default="sqlite:///satset-ris.db",
+        alias="RIS_DATABASE_URL",
+        description="SQLAlchemy URL: sqlite:///path.db, postgresql+psycopg2://user@host/db, mysql+pymysql://...",
+    )
+    poll_batch_size: int = Field(default=20, ge=1, le=1000, alias="POLL_BATCH_SIZE")
+    poll_concurrency: int = Field(default=4, ge=1, le=64, alias="POLL_CONCURRENCY")
+    order_max_attempts: int = Field(default=5, ge=1, alias="ORDER_MAX_ATTEMPTS")
+    order_lease_s: float = Field(default=900.0, gt=0, alias="ORDER_LEASE_S")
+    """A claimed order whose worker died becomes claimable again after this long."""
+    order_retry_backoff_s: float = Field(default=60.0, gt=0, alias="ORDER_RETRY_BACKOFF_S")
+    """First wait before a failed order is retried; doubles per attempt."""
+
+
+class ApiSettings(BaseSettings):
+    """The HIS-facing HTTP API: where it listens and who may call it."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
+
+    api_host: str = Field(default="127.0.0.1", alias="API_HOST")
+    api_port: int = Field(default=8080, ge=1, le=65535, alias="API_PORT")
+    api_key: SecretStr | None = Field(default=None, alias="API_KEY", description="Sent by the HIS as X-API-Key")
+    api_basic_user: str | None = Field(default=None, alias="API_BASIC_USER")
+    api_basic_password: SecretStr | None = Field(default=None, alias="API_BASIC_PASSWORD")
+    api_auth_disabled: bool = Field(default=False, alias="API_AUTH_DISABLED")
+    """Authentication is on unless this is set explicitly (never in production)."""
+
+
 class SettingsError(Exception):
     """The environment does not describe a usable gateway; the message names each variable and the rule."""
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, model: type[BaseSettings] = Settings) -> str:
     """Turn pydantic's report into one line per variable, by its environment name, without echoing values."""
     lines = []
     for item in error.errors():
         name = str(item["loc"][0]) if item["loc"] else "?"
-        env_name = Settings.model_fields[name].alias if name in Settings.model_fields else name
+        field = model.model_fields.get(name)
+        env_name = field.alias if field is not None and field.alias else name
         rule = "is required but not set" if item["type"] == "missing" else item["msg"]
         lines.append(f"{env_name}: {rule}")
     return "invalid gateway settings:\n  " + "\n  ".join(lines)
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read the settings, raising SettingsError that names every missing or malformed variable."""
+def load_settings(model: type[S] = Settings, **overrides: object) -> S:  # type: ignore[assignment]
+    """Read settings of `model`, raising SettingsError that names every missing or malformed variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return model(**overrides)
     except ValidationError as error:
-        raise SettingsError(describe_validation_error(error)) from None
+        raise SettingsError(describe_validation_error(error, model)) from None
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,10 @@ from models.settings import Settings, get_settings
 
 _lock = threading.Lock()
 _clients: dict[str, object] = {}
+_per_thread = threading.local()
+_thread_clients: list[PacsClient] = []
+_generation = [0]
+"""Bumped by reset(), so every thread builds its per-thread clients again from the new settings."""
 
 T = TypeVar("T")
 
@@ -31,7 +35,14 @@ def satusehat() -> SatusehatClient:
 
 
 def pacs() -> PacsClient:
-    return _shared("pacs", lambda: PacsClient.from_settings(settings()))
+    """One PACS client per thread: dicomweb-client sits on a requests.Session, which is not thread-safe."""
+    client: PacsClient | None = getattr(_per_thread, "pacs", None)
+    if client is None or getattr(_per_thread, "generation", None) != _generation[0]:
+        client = _per_thread.pacs = PacsClient.from_settings(settings())
+        _per_thread.generation = _generation[0]
+        with _lock:
+            _thread_clients.append(client)
+    return client
 
 
 def router() -> RouterClient:
@@ -41,11 +52,13 @@ def router() -> RouterClient:
 def reset() -> None:
     """Forget the settings and close the clients (tests, and a process whose environment changed)."""
     with _lock:
-        for client in _clients.values():
+        for client in [*_clients.values(), *_thread_clients]:
             close = getattr(client, "close", None)
             if callable(close):
                 close()
         _clients.clear()
+        _thread_clients.clear()
+        _generation[0] += 1
         get_settings.cache_clear()
 
 
