@@ -23,7 +23,7 @@ Messages name the service, the operation and the rule; they never carry secrets,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Service = Literal["satusehat", "pacs", "router"]
 
@@ -56,6 +56,10 @@ class GatewayError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable with its attributes: Prefect stores a failed run's exception and the API reads it back."""
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class Rejected(GatewayError):
@@ -154,6 +158,13 @@ class ImagingStudyNotReady(Retryable):
     """No ImagingStudy for the accession number yet, or one that lists fewer instances than were sent."""
 
     service: Service | None = "satusehat"
+
+
+def _rebuild(cls: type[GatewayError], args: tuple[Any, ...], state: dict[str, Any]) -> GatewayError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -1,7 +1,5 @@
 """The gateway's Prefect flows, by the name users and deployments know them."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any

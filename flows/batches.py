@@ -9,8 +9,6 @@ Orchestration only: every step is a task (tasks/), every id goes into the result
 that fails names its step and what it had created; running it again with the same input adopts what exists.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from prefect import flow

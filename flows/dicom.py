@@ -1,7 +1,5 @@
 """dicom_process: one study from the PACS to the SATUSEHAT DICOM Router, tags edited (the old /api/dicom/process)."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from prefect import flow

@@ -1,8 +1,6 @@
 """One flow per resource, for the existing gateway's single-resource endpoints and for manual fixes in the UI:
 encounter, service request, observation, conclusion (DiagnosticReport), and the ImagingStudy lookup by ACSN."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from prefect import flow

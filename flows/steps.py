@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from clients.errors import FhirRejected, GatewayError, Rejected
+from clients.errors import FhirRejected, GatewayError, Rejected, StudyNotFound
 
 T = TypeVar("T")
 
@@ -25,13 +25,18 @@ class BatchFailed(Exception):
         self.created = dict(created)
         self.cause = cause
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable: Prefect keeps a failed run's exception, and the HIS API reads it back for /api/runs."""
+        return (BatchFailed, (self.flow, self.step, self.created, self.cause))
+
     @property
     def status_code(self) -> int:
-        """The HTTP status the existing gateway would answer: the platform's own 4xx, else 502 (upstream)."""
+        """The HTTP status the existing gateway would answer: the platform's own 4xx passed through, 404 for a
+        study the PACS does not have, 502 for anything else upstream (a refusal by the router, an outage)."""
         if isinstance(self.cause, FhirRejected):
             return self.cause.status_code
-        if isinstance(self.cause, Rejected):
-            return 400 if self.cause.service is None else 422
+        if isinstance(self.cause, StudyNotFound):
+            return 404
         return 502
 
     def response(self) -> dict[str, Any]:

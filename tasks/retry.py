@@ -30,19 +30,14 @@ MAX_RETRY_AFTER_S = 120.0
 
 
 def retry_when_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry predicate: only `Retryable` errors are worth another attempt."""
-    return isinstance(state.data, Retryable) or isinstance(_exception_of(state), Retryable)
+    """Retry predicate: only `Retryable` errors are worth another attempt.
+
+    Prefect hands the predicate a Failed state whose data is the task's exception (task_engine.can_retry).
+    """
+    return isinstance(state.data, Retryable)
 
 
 async def honour_retry_after(error: Retryable) -> None:
     """Wait what the upstream asked for (Retry-After) before Prefect's own backoff adds its delay."""
     if error.retry_after:
         await asyncio.sleep(min(error.retry_after, MAX_RETRY_AFTER_S))
-
-
-def _exception_of(state: State[Any]) -> BaseException | None:
-    try:
-        result = state.result(raise_on_failure=False)
-    except Exception as error:  # a result that cannot be loaded says nothing about retrying
-        return error
-    return result if isinstance(result, BaseException) else None

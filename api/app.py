@@ -1,0 +1,100 @@
+"""The HIS-facing HTTP API: the existing Flask gateway's interface, served by FastAPI, each call a flow run.
+
+A HIS switches by changing the gateway's base URL (and adding a credential): paths, bodies, field names and
+answers are the old gateway's (observed_contracts.md). What is new is stated in docs/his-integration.md: 422 with
+the field and the rule for an invalid body, `?async=true` for a 202 and a queued flow run, GET /api/runs/{id}.
+
+    uvicorn --factory api.app:create_app        # or: satset api
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import routes, validation
+from api.auth import API_KEY_HEADER, AuthMiddleware, Guard
+from api.runs import runs_router
+from models.settings import ApiSettings, load_settings
+
+DOCS_URL = "/api/docs"
+OPENAPI_URL = "/api/openapi.json"
+OPEN_PATHS = ("/api/satset/halo", DOCS_URL, f"{DOCS_URL}/oauth2-redirect", OPENAPI_URL)
+"""Reachable without credentials: the health check and the API's documentation."""
+
+log = logging.getLogger("satset.api")
+
+DESCRIPTION = """\
+The existing gateway's endpoints, unchanged: a HIS switches by changing the base URL and adding a credential.
+Each call runs as a Prefect flow run (its id in the `X-Flow-Run-Id` response header).
+
+* **Authentication**: `X-API-Key: <key>` or HTTP Basic, as configured (API_KEY, API_BASIC_USER/PASSWORD).
+  Open without: `GET /api/satset/halo` and this documentation.
+* **Invalid input**: 422 `{"error": "invalid input", "fields": [{"field", "in", "rule"}]}`.
+* **Asynchronous**: `?async=true` or `Prefer: respond-async` answers 202 with the flow run; the same
+  `Idempotency-Key` (default `<flow>:<ACSN>`) gives the same run. Follow it at `GET /api/runs/{flow_run_id}`.
+"""
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """The app for these settings (default: from the environment). Raises ApiConfigError (a SettingsError naming
+    the variables) when no credential is configured and API_AUTH_DISABLED is not set."""
+    settings = settings if settings is not None else load_settings(ApiSettings)
+    guard = Guard.from_settings(settings, OPEN_PATHS)
+    if guard is None:
+        log.warning("HIS API authentication is disabled (API_AUTH_DISABLED): anyone who can connect may call it")
+
+    app = FastAPI(
+        title="SATUSEHAT radiology gateway — HIS API",
+        description=DESCRIPTION,
+        version="1.0",
+        docs_url=DOCS_URL,
+        redoc_url=None,
+        openapi_url=OPENAPI_URL,
+        swagger_ui_oauth2_redirect_url=f"{DOCS_URL}/oauth2-redirect",
+    )
+    app.include_router(routes.satset)
+    app.include_router(routes.dicom)
+    app.include_router(runs_router)
+    app.add_exception_handler(RequestValidationError, _invalid_input)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    if guard is not None:
+        app.add_middleware(AuthMiddleware, guard=guard)
+    app.openapi = lambda: _openapi(app, guard)  # type: ignore[method-assign]
+    return app
+
+
+async def _invalid_input(request: Request, error: Exception) -> JSONResponse:
+    """422 naming each field and its rule; the values sent are never echoed (they may hold patient data)."""
+    assert isinstance(error, RequestValidationError)
+    fields = validation.describe(error.errors())
+    log.info("422 %s %s: %s", request.method, request.url.path, ", ".join(sorted({f["field"] for f in fields})))
+    return JSONResponse({"error": "invalid input", "fields": fields}, status_code=422)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's own 404/405 in the gateway's {"error"} shape."""
+    assert isinstance(error, StarletteHTTPException)
+    return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+def _openapi(app: FastAPI, guard: Guard | None) -> dict[str, Any]:
+    """FastAPI's document plus the security schemes the middleware enforces (so Swagger's Authorize works)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    if guard is not None:
+        schemes = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
+            "Basic": {"type": "http", "scheme": "basic"},
+        }
+        document.setdefault("components", {})["securitySchemes"] = {name: schemes[name] for name in guard.schemes}
+        document["security"] = [{name: []} for name in guard.schemes]
+    app.openapi_schema = document
+    return document
