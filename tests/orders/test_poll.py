@@ -1,0 +1,253 @@
+"""poll-ris end to end: orders in the RIS table, run as batch subflows against the simulator, Orthanc and a real
+Prefect server, outcomes written back. Faults are armed in the real parts, never patched into the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+import sqlalchemy as sa
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterName,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+    TaskRunFilterName,
+)
+from pydicom.uid import generate_uid
+from sqlmodel import col
+
+from clients.ris import RisStore
+from flows.poll import poll_ris
+from models.orders import DEAD, DONE, FAILED, PENDING, RadiologyOrder, utcnow
+from models.settings import RisSettings, load_settings
+from tasks.ris import reset_stores
+from tests.orders.bodies import PATIENT_NAME
+from tests.orders.conftest import BACKENDS, database_for
+from tests.plugins.gateway import Gateway, batch4_input
+from tests.plugins.pacs import UploadedStudy, UploadStudy
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+RESOURCES = {
+    "encounter_id": "Encounter",
+    "service_request_id": "ServiceRequest",
+    "imaging_study_id": "ImagingStudy",
+    "observation_id": "Observation",
+    "diagnostic_report_id": "DiagnosticReport",
+}
+BACKOFF_S = 600
+NOTHING = {"claimed": 0, "done": 0, "failed": 0, "dead": 0, "lost": 0}
+
+
+def ris_for(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RisStore]:
+    """The poller's settings in the environment, as in production, and a store on the same table for the test."""
+    monkeypatch.setenv("RIS_DATABASE_URL", url)
+    monkeypatch.setenv("ORDER_RETRY_BACKOFF_S", str(BACKOFF_S))
+    reset_stores()
+    store = RisStore.from_settings(load_settings(RisSettings))
+    store.create_schema()
+    yield store
+    store.close()
+    reset_stores()
+
+
+@pytest.fixture
+def ris(gateway: Gateway, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RisStore]:
+    yield from ris_for(sqlite_url, monkeypatch)
+
+
+@pytest.fixture(params=BACKENDS)
+def ris_on_each_database(
+    request: pytest.FixtureRequest, gateway: Gateway, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[RisStore]:
+    for url in database_for(request.param, tmp_path):
+        yield from ris_for(url, monkeypatch)
+
+
+def missing_study_body() -> dict[str, Any]:
+    """A batch4 body for a study the PACS has never seen."""
+    return batch4_input(cast(UploadedStudy, SimpleNamespace(study_instance_uid=generate_uid())))
+
+
+def assert_ids_exist(gateway: Gateway, result: dict[str, Any]) -> None:
+    store = gateway.simulator.running.platform.store
+    for key, resource_type in RESOURCES.items():
+        resource = store.read(resource_type, result[key])
+        assert resource is not None and resource["id"] == result[key], key
+
+
+def set_payload(ris: RisStore, accession: str, payload: dict[str, Any]) -> None:
+    """What a hand-edited row looks like: the stored body changed behind the table's back."""
+    with ris.engine.begin() as connection:
+        connection.execute(
+            sa.update(RadiologyOrder).where(col(RadiologyOrder.accession_number) == accession).values(payload=payload)
+        )
+
+
+def make_due(ris: RisStore, accession: str) -> None:
+    """Move a failed order's next attempt into the past, as waiting out the backoff would."""
+    with ris.engine.begin() as connection:
+        connection.execute(
+            sa.update(RadiologyOrder)
+            .where(col(RadiologyOrder.accession_number) == accession)
+            .values(next_attempt_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+async def test_pending_orders_are_done_with_ids_the_platform_holds(
+    gateway: Gateway, upload_study: UploadStudy, ris_on_each_database: RisStore
+) -> None:
+    ris = ris_on_each_database
+    sent = batch4_input(upload_study(series=1, instances_per_series=2), subject_display=PATIENT_NAME)
+    ris.add_order(4, sent)
+
+    summary = await poll_ris()
+
+    assert summary == {**NOTHING, "claimed": 1, "done": 1}
+    order = ris.get(sent["noacsn"])
+    assert (order.status, order.attempts, order.last_error, order.lease_expires_at) == (DONE, 1, None, None)
+    assert order.result is not None
+    assert_ids_exist(gateway, order.result)
+    assert gateway.counts() == dict.fromkeys(RESOURCES.values(), 1)
+    async with get_client() as client:
+        artifacts = await client.read_latest_artifacts()
+    (artifact,) = [a for a in artifacts if a.key == "poll-ris"]
+    markdown = str(artifact.data)
+    assert "| claimed | `1` |" in markdown and "| done | `1` |" in markdown
+    assert PATIENT_NAME not in markdown and sent["noacsn"] not in markdown  # counts only
+
+
+async def test_an_order_whose_study_is_missing_is_dead_with_the_reason(gateway: Gateway, ris: RisStore) -> None:
+    sent = missing_study_body()
+    ris.add_order(4, sent)
+
+    summary = await poll_ris()
+
+    assert summary == {**NOTHING, "claimed": 1, "dead": 1}
+    order = ris.get(sent["noacsn"])
+    assert (order.status, order.attempts, order.next_attempt_at) == (DEAD, 1, None)
+    assert order.last_error is not None
+    assert "batch4 stopped at dicom_process" in order.last_error and "fix the input" in order.last_error
+    assert gateway.counts() == {}  # the study is looked for before anything is created
+    assert await poll_ris() == NOTHING  # dead waits for an operator
+
+
+async def test_a_retryable_failure_is_retried_after_its_backoff_and_completes_once(
+    gateway: Gateway, upload_study: UploadStudy, fast_retries: None, ris: RisStore
+) -> None:
+    sent = batch4_input(upload_study(series=1, instances_per_series=2))
+    ris.add_order(4, sent)
+    gateway.arm(kind="500", count=None, path_prefix="/fhir-r4/v1/Observation", method="POST")
+    before = utcnow()
+
+    first = await poll_ris()
+
+    assert first == {**NOTHING, "claimed": 1, "failed": 1}
+    failed = ris.get(sent["noacsn"])
+    assert (failed.status, failed.attempts) == (FAILED, 1)
+    assert failed.last_error is not None
+    assert "batch4 stopped at observation" in failed.last_error and "run it again to resume" in failed.last_error
+    assert failed.next_attempt_at is not None
+    assert before + timedelta(seconds=BACKOFF_S) <= failed.next_attempt_at <= utcnow() + timedelta(seconds=BACKOFF_S)
+    assert await poll_ris() == NOTHING  # not due yet
+
+    gateway.simulator.running.platform.faults.clear()
+    make_due(ris, sent["noacsn"])
+    second = await poll_ris()
+
+    assert second == {**NOTHING, "claimed": 1, "done": 1}
+    done = ris.get(sent["noacsn"])
+    assert (done.status, done.attempts) == (DONE, 2)
+    assert done.result is not None
+    assert f"encounter_id={done.result['encounter_id']}" in failed.last_error  # resumed, not started over
+    assert_ids_exist(gateway, done.result)
+    assert gateway.counts() == dict.fromkeys(RESOURCES.values(), 1)
+
+
+async def test_one_poll_runs_several_orders_at_once_and_one_failure_stops_none(
+    gateway: Gateway, upload_study: UploadStudy, ris: RisStore
+) -> None:
+    good = [batch4_input(upload_study(series=1, instances_per_series=1)) for _ in range(3)]
+    missing = missing_study_body()
+    for sent in (good[0], missing, good[1], good[2]):
+        ris.add_order(4, sent)
+    # Slow platform calls make each batch last seconds, longer than the ~2 s by which the test Prefect server
+    # (SQLite) staggers subflow starts when their task-run inserts collide ("database is locked", client retry).
+    gateway.simulator.running.platform.faults.latency_s = 0.5
+
+    summary = await poll_ris(concurrency=3)
+
+    assert summary == {**NOTHING, "claimed": 4, "done": 3, "dead": 1}
+    results = [ris.get(sent["noacsn"]).result or {} for sent in good]
+    for result in results:
+        assert_ids_exist(gateway, result)
+    assert len({result["diagnostic_report_id"] for result in results}) == 3
+    assert ris.get(missing["noacsn"]).status == DEAD
+    assert gateway.counts() == dict.fromkeys(RESOURCES.values(), 3)
+    async with get_client() as client:
+        names = [f"batch4 {sent['noacsn']}" for sent in good]
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+    spans = [(run.start_time, run.end_time) for run in runs if run.start_time and run.end_time]
+    assert len(spans) == 3
+    assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a is not b), "no two batches overlapped"
+
+
+async def test_a_stored_payload_that_no_longer_validates_is_dead_naming_the_field(
+    gateway: Gateway, ris: RisStore
+) -> None:
+    sent = missing_study_body()
+    ris.add_order(4, sent)
+    set_payload(ris, sent["noacsn"], {**ris.get(sent["noacsn"]).payload, "study": "not-a-uid"})
+
+    summary = await poll_ris()
+
+    assert summary == {**NOTHING, "claimed": 1, "dead": 1}
+    order = ris.get(sent["noacsn"])
+    assert order.status == DEAD and order.last_error is not None
+    assert "invalid stored batch4 payload" in order.last_error and "study:" in order.last_error
+    assert gateway.counts() == {}
+    assert gateway.simulator.running.platform.store.token_count() == 0
+
+
+async def test_a_batch_longer_than_the_lease_keeps_its_claim(
+    gateway: Gateway, upload_study: UploadStudy, ris: RisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poller renews its lease while it works: another poller never takes an order that is still running."""
+    lease_s = 2.0
+    monkeypatch.setenv("ORDER_LEASE_S", str(lease_s))
+    sent = batch4_input(upload_study(series=1, instances_per_series=1))
+    ris.add_order(4, sent)
+    gateway.simulator.running.platform.faults.latency_s = 0.5  # every platform call: the batch outlasts the lease
+    other_poller = RisStore(str(ris.engine.url), lease_s=lease_s)
+    stolen: list[RadiologyOrder] = []
+
+    try:
+        polling = asyncio.create_task(poll_ris(return_state=True))
+        deadline = time.monotonic() + 240
+        while ris.get(sent["noacsn"]).status == PENDING and not polling.done() and time.monotonic() < deadline:
+            await asyncio.wait({polling}, timeout=0.05)  # until the poller holds it
+        while not polling.done() and time.monotonic() < deadline:
+            stolen += await asyncio.to_thread(other_poller.claim, "other-poller", 5)
+            await asyncio.wait({polling}, timeout=0.1)
+        state = await polling
+    finally:
+        other_poller.close()
+
+    assert stolen == []
+    assert await state.result() == {**NOTHING, "claimed": 1, "done": 1}
+    assert ris.get(sent["noacsn"]).attempts == 1
+    async with get_client() as client:
+        renewals = await client.read_task_runs(
+            task_run_filter=TaskRunFilter(
+                name=TaskRunFilterName(like_="renew-lease"),
+                flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
+    assert len(renewals) >= 3  # renewed every lease/3: the run outlasted the lease, so the test meant something
