@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import api_cmd, demo_cmd, orders_cmd, run_cmd, simulator_cmd
+from cli import api_cmd, demo_cmd, orders_cmd, run_cmd, serve_cmd, simulator_cmd
 
 app = typer.Typer(
     name="satset",
@@ -23,6 +23,7 @@ app.command("simulator")(simulator_cmd.simulator)
 app.command("demo")(demo_cmd.demo)
 app.command("run")(run_cmd.run)
 app.command("api")(api_cmd.api)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(orders_cmd.app, name="orders")
 
 

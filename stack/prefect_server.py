@@ -32,12 +32,15 @@ class PrefectServer:
         *,
         port: int | None = None,
         database_url: str | None = None,
+        scheduler: bool = True,
         start_timeout_s: float = 180.0,
     ) -> None:
         self._own_home = home is None
         self.home = Path(tempfile.mkdtemp(prefix="satset-prefect-")) if home is None else home
         self.port = port or free_port()
         self.database_url = database_url
+        self.scheduler = scheduler
+        """Off in tests that create their runs themselves, so interval schedules add none of their own."""
         self.start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self.log_path = self.home / "server.log"
@@ -60,12 +63,14 @@ class PrefectServer:
             **os.environ,
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_API_URL": self.api_url,
+            "PREFECT_UI_API_URL": self.api_url,  # else the UI asks port 4200, whatever --port says
         }
         env.pop("PREFECT_API_URL", None)
         if self.database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = self.database_url
         command = [_prefect_cli(), "server", "start", "--host", LOOPBACK, "--port", str(self.port)]
+        if not self.scheduler:
+            command.append("--no-scheduler")
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
                 command,
