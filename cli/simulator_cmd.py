@@ -10,9 +10,13 @@ from typing import Annotated, get_args
 import typer
 
 from simulator.config import SimulatorConfig
-from simulator.faults import HttpFault, HttpFaultKind
+from simulator.faults import HttpFault, HttpFaultKind, RouterFault
 from simulator.server import start_simulator
 
+_ROUTER_FAULT_HELP = (
+    "Arm a DICOM Router fault at start-up: abort:AFTER[:COUNT] (abort associations after AFTER instances) or "
+    "status:CODE[:COUNT] (answer CODE, e.g. 0xA700, to C-STOREs). Repeatable."
+)
 _FAULT_HELP = (
     "Arm an HTTP fault at start-up, KIND:AMOUNT where KIND is 429, 500, 504, hang or lost-response "
     "and AMOUNT a count (3) or a fraction (0.05). Repeatable."
@@ -38,6 +42,7 @@ def simulator(
     admin: Annotated[bool, typer.Option(help="Enable /admin (fault injection, inspection).")] = False,
     latency: Annotated[float, typer.Option(help="Seconds added to every request.")] = 0.0,
     fault: Annotated[list[str] | None, typer.Option(help=_FAULT_HELP)] = None,
+    router_fault: Annotated[list[str] | None, typer.Option(help=_ROUTER_FAULT_HELP)] = None,
 ) -> None:
     """Run the SATUSEHAT simulator until Ctrl-C, printing its URLs when ready."""
     config = SimulatorConfig(
@@ -55,10 +60,13 @@ def simulator(
         admin_enabled=admin,
     )
     faults = [_parse_fault(spec) for spec in fault or []]
+    router_faults = [_parse_router_fault(spec) for spec in router_fault or []]
     running = start_simulator(config)
     running.platform.faults.latency_s = latency
     for armed in faults:
         running.platform.faults.arm_http(armed)
+    for armed_router in router_faults:
+        running.platform.faults.arm_router(armed_router)
     typer.echo(running.describe(), err=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -68,6 +76,22 @@ def simulator(
         pass
     finally:
         running.stop()
+
+
+def _parse_router_fault(spec: str) -> RouterFault:
+    """abort:AFTER[:COUNT] aborts associations after AFTER instances; status:CODE[:COUNT] answers CODE (hex ok)."""
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":") if rest else []
+    try:
+        if kind == "abort" and len(parts) in (1, 2):
+            return RouterFault(
+                kind="abort", after_instances=int(parts[0]), count=int(parts[1]) if len(parts) == 2 else 1
+            )
+        if kind == "status" and len(parts) in (1, 2):
+            return RouterFault(kind="status", status=int(parts[0], 0), count=int(parts[1]) if len(parts) == 2 else 1)
+    except ValueError:
+        pass
+    raise typer.BadParameter(f"--router-fault {spec!r}: use abort:AFTER[:COUNT] or status:CODE[:COUNT]")
 
 
 def _parse_fault(spec: str) -> HttpFault:
