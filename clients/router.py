@@ -13,18 +13,27 @@ Two pynetdicom 3.0.4 problems are handled here (bench/RESULTS.md §5):
 - a response race in its send_* methods: the association's reactor thread can take the C-STORE-RSP off the
   DIMSE queue, drop it ("Received unexpected C-STORE service message"), and the send then waits dimse_timeout and
   returns an empty status. `ResponseKeepingDIMSE` (below) closes it.
+
+Two ways to send (bench/RESULTS.md, "routing"): a pydicom Dataset goes through pynetdicom's send_c_store (it
+encodes, and hands each max-PDU fragment through a queue to its DUL thread, which polls the socket every 1 ms);
+an EncodedInstance (models.dicom: the edited bytes as the PACS stored them) goes on the `WireChannel`: the sending
+thread writes the P-DATA-TF PDUs with sendmsg() and reads the C-STORE-RSP itself, while pynetdicom's state
+machine, association, release and abort stay in charge. That second way is what made the gateway's path 2.5x
+faster; its statuses are read and classified exactly as pynetdicom's are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeAlias
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -34,7 +43,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from clients.errors import AssociationRejected, ConnectionFailed, InstanceRejected, StoreIncomplete
-from models.dicom import check_routable
+from models.dicom import EncodedInstance, RoutingSummary, check_routable, encode_data_set
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -58,6 +67,9 @@ RETRYABLE_FAILURE_CODES = frozenset({0x0110, 0x0213})
 """Processing Failure and Resource Limitation: the router's trouble, not the instance's; 0xA7xx is added by range."""
 
 SopClassAndSyntax = tuple[str, str]
+
+Instance: TypeAlias = Dataset | EncodedInstance
+"""What send_study sends: a pydicom Dataset (encoded by pynetdicom) or an EncodedInstance (sent as it is)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,19 +212,28 @@ def classify_store_status(code: int) -> tuple[StatusKind, str]:
 # Presentation contexts
 
 
-def presentation_contexts(pairs: Iterable[SopClassAndSyntax]) -> list[PresentationContext]:
+def presentation_contexts(
+    pairs: Iterable[SopClassAndSyntax], *, stored_first: bool = False
+) -> list[PresentationContext]:
     """Contexts for a study's (SOP Class UID, Transfer Syntax UID) pairs, in first-seen order.
 
     Uncompressed little-endian data (explicit, implicit, deflated) gets one context per SOP class proposing its own
     syntaxes plus Explicit and Implicit VR Little Endian, because pynetdicom converts between those when the router
     picks another. Compressed, big-endian or unknown syntaxes cannot be converted: each gets a context of its own.
     The caller checks the count against MAX_PRESENTATION_CONTEXTS.
+
+    `stored_first` (encoded instances, sent as stored) also proposes each uncompressed pair alone, ahead of the
+    merged context: an acceptor chooses within a context by its own preference (pynetdicom, like the official
+    router, picks Implicit VR first), so only a context offering the stored syntax alone makes sure the instances
+    can go as they are; the merged context stays as the fallback that needs a conversion.
     """
     uncompressed: dict[str, list[UID]] = {}
     order: list[tuple[str, UID | None]] = []
     for sop_class, syntax in pairs:
         sop, ts = str(sop_class), UID(str(syntax))
         if _is_uncompressed_little_endian(ts):
+            if stored_first and (sop, ts) not in order:
+                order.append((sop, ts))
             if sop not in uncompressed:
                 uncompressed[sop] = []
                 order.append((sop, None))
@@ -237,7 +258,9 @@ def _is_uncompressed_little_endian(ts: UID) -> bool:
         return False
 
 
-def _sop_and_syntax(ds: Dataset) -> SopClassAndSyntax | None:
+def _sop_and_syntax(ds: Instance) -> SopClassAndSyntax | None:
+    if isinstance(ds, EncodedInstance):
+        return (ds.sop_class_uid, str(ds.transfer_syntax_uid)) if ds.sop_class_uid else None
     sop_class = ds.get("SOPClassUID")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if not sop_class or not syntax:
@@ -317,6 +340,293 @@ def set_tcp_nodelay(assoc: Association) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The wire path: encoded instances written, and their responses read, by the sending thread itself
+
+WIRE_FRAGMENT_UNBOUNDED = 1 << 20
+"""PDV size when the router sets no maximum PDU length (0): any size is allowed; 1 MiB keeps writes large."""
+
+DUL_PARK_S = 0.05
+"""How long pynetdicom's DUL thread sleeps at a time while a WireChannel owns the socket (it polls every 1 ms)."""
+
+_IOV_MAX = 1024  # Linux's limit on buffers per sendmsg()
+_PDATA_HEADER = struct.Struct(">BBLLBB")  # P-DATA-TF type, reserved, PDU length; PDV length, context ID, control
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LBB")
+_UID_ELEMENT = struct.Struct("<HHL")
+_US_ELEMENT = struct.Struct("<HHLH")
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+
+
+class WireReply(NamedTuple):
+    """What came back for one C-STORE sent on the wire: the status, or None and why there was none."""
+
+    status: int | None
+    problem: str | None = None
+    comment: str | None = None
+
+
+def c_store_command(sop_class_uid: str, sop_instance_uid: str, message_id: int, priority: int = 2) -> bytes:
+    """The C-STORE-RQ command set, Implicit VR Little Endian (PS3.7 9.3.1.1), as pynetdicom encodes it."""
+    elements = [
+        _uid_element(0x0002, sop_class_uid),
+        _US_ELEMENT.pack(0x0000, 0x0100, 2, 0x0001),  # Command Field: C-STORE-RQ
+        _US_ELEMENT.pack(0x0000, 0x0110, 2, message_id),
+        _US_ELEMENT.pack(0x0000, 0x0700, 2, priority),
+        _US_ELEMENT.pack(0x0000, 0x0800, 2, 0x0001),  # Command Data Set Type: a data set follows
+        _uid_element(0x1000, sop_instance_uid),
+    ]
+    body = b"".join(elements)
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def _uid_element(element: int, uid: str) -> bytes:
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\0"
+    return _UID_ELEMENT.pack(0x0000, element, len(value)) + value
+
+
+def parse_store_response(command: bytes, message_id: int) -> WireReply:
+    """Status of a C-STORE-RSP command set (Implicit VR Little Endian); no status if it answers something else."""
+    values: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(command):
+        group, element, length = _UID_ELEMENT.unpack_from(command, pos)
+        values[group << 16 | element] = command[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+    field, responded_to, status, data_set = (values.get(tag) for tag in (0x0100, 0x0120, 0x0900, 0x0800))
+    if field is None or status is None or responded_to is None or len(status) != 2 or len(responded_to) != 2:
+        return WireReply(None, "an invalid C-STORE response (no status)")
+    if int.from_bytes(field, "little") != _C_STORE_RSP:
+        return WireReply(None, f"a DIMSE message 0x{int.from_bytes(field, 'little'):04X} instead of a C-STORE response")
+    if int.from_bytes(responded_to, "little") != message_id:
+        return WireReply(
+            None, f"a C-STORE response to message {int.from_bytes(responded_to, 'little')}, not {message_id}"
+        )
+    if data_set is not None and int.from_bytes(data_set, "little") != _NO_DATA_SET:
+        return WireReply(None, "a C-STORE response announcing a data set")
+    comment = values.get(0x0902)
+    text = comment.decode("latin-1").strip(" \0") if comment else None
+    return WireReply(int.from_bytes(status, "little"), None, text)
+
+
+def p_data_buffers(
+    parts: Iterable[bytes | memoryview], nbytes: int, context_id: int, fragment: int
+) -> list[memoryview]:
+    """The data set as P-DATA-TF PDUs of one PDV each, as (header, slice, ...) buffers for sendmsg: no copy.
+
+    `fragment` is the most data one PDV carries: the router's maximum PDU length minus the 6 bytes of PDV item
+    header that length includes (PS3.8 9.3.5, the same split pynetdicom makes).
+    """
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    buffers: list[memoryview] = []
+    remaining, index, offset = nbytes, 0, 0
+    while remaining > 0:
+        size = min(fragment, remaining)
+        remaining -= size
+        control = 0x00 if remaining else 0x02  # data set fragment; 0x02 marks the last one
+        buffers.append(memoryview(_PDATA_HEADER.pack(0x04, 0, size + 6, size + 2, context_id, control)))
+        while size:
+            view = views[index]
+            take = min(size, len(view) - offset)
+            buffers.append(view[offset : offset + take])
+            offset += take
+            size -= take
+            if offset == len(view):
+                index, offset = index + 1, 0
+    return buffers
+
+
+class WireChannel:
+    """C-STORE on an established pynetdicom association, bypassing pynetdicom's per-PDU machinery.
+
+    Why: pynetdicom hands every PDU (16 KB for the official router) from the sending thread through a queue to its
+    DUL thread, which runs the state machine and writes it, and reads the response in a 1 ms polling loop. On a
+    2-core machine that costs more than the transfer itself (bench/RESULTS.md). Here the sending thread writes the
+    whole request with one sendmsg() per 1024 buffers, and reads the response PDU itself.
+
+    The association stays pynetdicom's and its state machine stays right: P-DATA in state Sta6 never changes the
+    state (DT-1 and DT-2 both return Sta6), so writing and reading P-DATA-TF PDUs directly is what those actions
+    would have done. While engaged: the DUL thread does not read the socket (a gate on its transport check), the
+    association reactor is parked at its checkpoint (as pynetdicom's own send_* park it), and anything but a
+    P-DATA-TF from the router, or a closed connection, is left unread and the channel disengages, so pynetdicom
+    reads it and processes the abort or release as always. The idle timer is restarted on every response, so
+    pynetdicom's network timeout does not fire after a long study. Not engaged, pynetdicom is untouched: release,
+    abort, C-ECHO and Dataset sends (with the response race guard) work as before.
+    """
+
+    def __init__(self, assoc: Association, dimse_timeout: float | None) -> None:
+        self._assoc = assoc
+        self._dul = assoc.dul
+        self._sock: socket.socket = assoc.dul.socket.socket  # type: ignore[union-attr]
+        self._timeout = dimse_timeout
+        max_pdu = int(assoc.acceptor.maximum_length or 0)
+        self.fragment = max_pdu - 6 if max_pdu > 6 else WIRE_FRAGMENT_UNBOUNDED
+        self._accepted = {
+            (str(cx.abstract_syntax), str(cx.transfer_syntax[0])): int(cx.context_id)
+            for cx in assoc.accepted_contexts
+            if cx.context_id is not None and cx.transfer_syntax
+        }
+        self._engaged = False
+        self._broken = False
+        self._previous_timeout: float | None = None
+        self._gate = threading.Lock()
+        self._given_back = threading.Event()
+        self._given_back.set()
+        read_socket = self._dul._is_transport_event
+
+        def gated_transport_event() -> bool:
+            if self._engaged:
+                # Park the DUL thread instead of letting it poll every millisecond (it has nothing to do while the
+                # channel owns the socket): back within 50 ms for its own checks, at once on disengage.
+                self._given_back.wait(DUL_PARK_S)
+                return False
+            with self._gate:
+                if self._engaged:
+                    return False
+                return read_socket()
+
+        self._dul._is_transport_event = gated_transport_event  # type: ignore[method-assign]
+
+    @staticmethod
+    def usable(assoc: Association) -> bool:
+        """A plain TCP socket (not TLS) and the pynetdicom internals this relies on (3.0.x); else use pynetdicom."""
+        sock = getattr(assoc.dul.socket, "socket", None)
+        return (
+            type(sock) is socket.socket
+            and hasattr(assoc.dul, "_is_transport_event")
+            and hasattr(assoc.dul, "_idle_timer")
+            and hasattr(assoc, "_reactor_checkpoint")
+            and hasattr(assoc, "_is_paused")
+        )
+
+    def context_for(self, sop_class_uid: str, transfer_syntax_uid: str) -> int | None:
+        return self._accepted.get((sop_class_uid, transfer_syntax_uid))
+
+    def accepted_syntaxes(self, sop_class_uid: str) -> list[str]:
+        return [syntax for (sop, syntax) in self._accepted if sop == sop_class_uid]
+
+    def engage(self) -> bool:
+        """Take the socket over from pynetdicom; False if the association is gone."""
+        if self._engaged:
+            return True
+        if self._broken or not self._assoc.is_established:
+            return False
+        with self._gate:
+            self._engaged = True
+            self._given_back.clear()
+        self._assoc._reactor_checkpoint.clear()
+        while not self._assoc._is_paused:
+            if self._assoc._kill or not self._assoc.is_established:
+                self.disengage()
+                return False
+            time.sleep(0.0001)
+        self._previous_timeout = self._sock.gettimeout()
+        self._sock.settimeout(self._timeout)
+        return True
+
+    def disengage(self) -> None:
+        """Give the socket back to pynetdicom (idempotent)."""
+        if not self._engaged:
+            return
+        with contextlib.suppress(OSError):  # the socket may be closed already
+            self._sock.settimeout(self._previous_timeout)
+        self._dul._idle_timer.restart()
+        with self._gate:
+            self._engaged = False
+            self._given_back.set()
+        self._assoc._reactor_checkpoint.set()
+
+    def close(self) -> None:
+        """Disengage and remove the gate from the DUL (the association is ending)."""
+        self.disengage()
+        self._dul.__dict__.pop("_is_transport_event", None)
+
+    def store(
+        self,
+        context_id: int,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        message_id: int,
+        parts: Iterable[bytes | memoryview],
+        nbytes: int,
+    ) -> WireReply:
+        """Send one C-STORE-RQ with its data set and read the C-STORE-RSP; an empty reply if the association broke."""
+        if not self.engage():
+            return WireReply(None, "the association ended before the C-STORE request")
+        command = c_store_command(sop_class_uid, sop_instance_uid, message_id)
+        buffers = [memoryview(_PDATA_HEADER.pack(0x04, 0, len(command) + 6, len(command) + 2, context_id, 0x03))]
+        buffers.append(memoryview(command))
+        buffers += p_data_buffers(parts, nbytes, context_id, self.fragment)
+        try:
+            _send_buffers(self._sock, buffers)
+            command_reply = self._read_command()
+        except (OSError, ConnectionError) as error:  # TimeoutError is an OSError: no response within dimse_timeout
+            self._broken = True
+            self.disengage()
+            kind = "no C-STORE response within the DIMSE timeout" if isinstance(error, TimeoutError) else str(error)
+            return WireReply(None, kind)
+        if isinstance(command_reply, str):
+            self._broken = True
+            self.disengage()
+            return WireReply(None, command_reply)
+        self._dul._idle_timer.restart()
+        reply = parse_store_response(command_reply, message_id)
+        if reply.status is None:
+            self._broken = True
+            self.disengage()
+        return reply
+
+    def _read_command(self) -> bytes | str:
+        """The command set of the next DIMSE message, or why there is none (then nothing is consumed)."""
+        command = bytearray()
+        while True:
+            peeked = self._sock.recv(1, socket.MSG_PEEK)
+            if not peeked:
+                return "the router closed the connection"
+            if peeked[0] != 0x04:
+                return f"the router sent PDU type 0x{peeked[0]:02X} (A-ABORT or A-RELEASE) instead of a response"
+            _, _, length = _PDU_HEADER.unpack(self._recv_exact(6))
+            body = self._recv_exact(length)
+            pos = 0
+            while pos + 6 <= len(body):
+                item_length, _, control = _PDV_HEADER.unpack_from(body, pos)
+                if not control & 0x01:
+                    return "the router's response carried a data set fragment"
+                command += body[pos + 6 : pos + 4 + item_length]
+                pos += 4 + item_length
+                if control & 0x02:
+                    return bytes(command)
+
+    def _recv_exact(self, count: int) -> bytes:
+        buffer = bytearray(count)
+        view = memoryview(buffer)
+        received = 0
+        while received < count:
+            got = self._sock.recv_into(view[received:])
+            if not got:
+                raise ConnectionError("the router closed the connection in the middle of a PDU")
+            received += got
+        return bytes(buffer)
+
+
+def _send_buffers(sock: socket.socket, buffers: list[memoryview]) -> None:
+    """Write every buffer, in order, with as few sendmsg() calls as the kernel allows (partial writes resumed)."""
+    index = 0
+    while index < len(buffers):
+        sent = sock.sendmsg(buffers[index : index + _IOV_MAX])
+        while sent:
+            size = len(buffers[index])
+            if sent >= size:
+                sent -= size
+                index += 1
+            else:
+                buffers[index] = buffers[index][sent:]
+                sent = 0
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Concurrency cap
 
 _slots_lock = threading.Lock()
@@ -358,6 +668,8 @@ class RouterClient:
 
     Thread-safe: every call makes its own pynetdicom AE and association; an association is never shared between
     threads. At most `max_associations` calls to one router run at a time in this process (see router_slots).
+    `wire=False` sends encoded instances through pynetdicom too (decoded first): the escape hatch, and the
+    comparison the benchmarks make.
     """
 
     def __init__(
@@ -372,6 +684,7 @@ class RouterClient:
         network_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         max_associations: int = 4,
+        wire: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -381,6 +694,7 @@ class RouterClient:
         self.dimse_timeout = dimse_timeout
         self.network_timeout = network_timeout
         self.connect_timeout = connect_timeout
+        self.wire = wire
         self.slots = router_slots(host, port, max_associations)
 
     @classmethod
@@ -420,12 +734,14 @@ class RouterClient:
         return EchoOutcome(self.router, int(code) == 0x0000, int(code), elapsed)
 
     def send_study(
-        self, instances: Iterable[Dataset], *, sop_classes_and_syntaxes: Iterable[SopClassAndSyntax] | None = None
+        self, instances: Iterable[Instance], *, sop_classes_and_syntaxes: Iterable[SopClassAndSyntax] | None = None
     ) -> StudyOutcome:
         """Send one study in one association and report every instance's fate.
 
-        `instances` is consumed lazily, one dataset at a time, so a streamed study is never held in memory. The
-        presentation contexts must be proposed before the first instance is sent, so pass the study's
+        `instances` is consumed lazily, one at a time, so a streamed study is never held in memory. Each is a
+        pydicom Dataset (pynetdicom encodes and sends it) or an EncodedInstance (models.dicom: the edited bytes as
+        the PACS stored them), which goes out on the WireChannel without being decoded or encoded again.
+        The presentation contexts must be proposed before the first instance is sent, so pass the study's
         (SOP Class UID, Transfer Syntax UID) pairs from the PACS metadata. Without them only the first instance is
         looked at: a study whose later instances have another SOP class or transfer syntax then gets those
         instances recorded as failures ("no presentation context"), not sent.
@@ -439,15 +755,16 @@ class RouterClient:
         first = next(stream, None)
         if first is None:
             return self._outcome(started, "", "", problem=AssociationProblem("empty", "no instances to send"))
-        study_uid = str(first.get("StudyInstanceUID", "") or "")
-        accession = str(first.get("AccessionNumber", "") or "")
+        summary = _summary(first)
+        study_uid = str(summary.get("StudyInstanceUID", "") or "")
+        accession = str(summary.get("AccessionNumber", "") or "")
 
         if sop_classes_and_syntaxes is None:
             first_pair = _sop_and_syntax(first)
             pairs = [first_pair] if first_pair else []
         else:
             pairs = list(sop_classes_and_syntaxes)
-        contexts = presentation_contexts(pairs)
+        contexts = presentation_contexts(pairs, stored_first=isinstance(first, EncodedInstance))
         if not contexts:
             reason = "no presentation context to propose: no SOP Class UID / Transfer Syntax UID known"
             return self._outcome(started, study_uid, accession, problem=AssociationProblem("no_context", reason))
@@ -500,24 +817,36 @@ class RouterClient:
         return AssociationProblem("connect", reason)
 
     def _send_on(
-        self, assoc: Association, instances: Iterator[Dataset], study_uid: str, accession: str, started: float
+        self, assoc: Association, instances: Iterator[Instance], study_uid: str, accession: str, started: float
     ) -> StudyOutcome:
         sent = confirmed = warnings = 0
         failures: list[InstanceFailure] = []
         lost = False
+        wire: WireChannel | None = None
+        wire_usable = False
         try:
             self._prepare(assoc)
-            for ds in instances:
+            wire_usable = self.wire and WireChannel.usable(assoc)
+            for item in instances:
                 if not assoc.is_established:
                     lost = True
                     break
-                sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-                refusal = _preflight(ds, study_uid, accession)
+                summary = _summary(item)
+                sop_uid = str(summary.get("SOPInstanceUID", "") or "")
+                refusal = _preflight(summary, study_uid, accession)
                 if refusal is not None:
                     failures.append(InstanceFailure(sop_uid, None, refusal, False))
                     continue
+                message_id = sent % 0xFFFF + 1
                 try:
-                    status = assoc.send_c_store(ds, msg_id=sent % 0xFFFF + 1)
+                    if isinstance(item, EncodedInstance) and wire_usable:
+                        if wire is None:  # made on the first encoded instance: a Dataset-only study never has one
+                            wire = WireChannel(assoc, self.dimse_timeout)
+                        code, reason = self._store_on_wire(wire, item, message_id)
+                    else:
+                        if wire is not None:
+                            wire.disengage()
+                        code, reason = self._store_with_pynetdicom(assoc, item, message_id)
                 except (ValueError, AttributeError) as error:  # no accepted context, cannot encode, no file meta
                     failures.append(InstanceFailure(sop_uid, None, f"not sent: {error}", False))
                     continue
@@ -525,26 +854,28 @@ class RouterClient:
                     lost = True
                     break
                 sent += 1
-                code = status.get("Status")
                 if code is None:
-                    # pynetdicom's empty status: DIMSE timeout, invalid response or connection closed. Whatever the
-                    # reactor has noticed yet, the association is unusable: a further send would wait dimse_timeout.
-                    reason = "no C-STORE response (DIMSE timeout or association lost)"
-                    failures.append(InstanceFailure(sop_uid, None, reason, True))
+                    # No status: DIMSE timeout, invalid response or connection closed. Whatever the reactor has
+                    # noticed yet, the association is unusable: a further send would wait dimse_timeout.
+                    failures.append(InstanceFailure(sop_uid, None, reason or _NO_RESPONSE, True))
                     lost = True
                     break
-                kind, description = classify_store_status(int(code))
+                kind, description = classify_store_status(code)
                 if kind == "success":
                     confirmed += 1
                 elif kind == "warning":
                     confirmed += 1
                     warnings += 1
                 else:
-                    failures.append(InstanceFailure(sop_uid, int(code), description, kind == "retryable"))
+                    failures.append(InstanceFailure(sop_uid, code, description, kind == "retryable"))
         except BaseException:
             # The stream (the PACS) failed, or we were interrupted: abort, so the router builds nothing from a part.
+            if wire is not None:
+                wire.close()
             assoc.abort()
             raise
+        if wire is not None:
+            wire.close()  # pynetdicom reads the socket again: release, abort and a peer's A-ABORT as always
         releasing = assoc.is_established and not lost
         if releasing:
             assoc.release()
@@ -569,6 +900,34 @@ class RouterClient:
             association_ok=problem is None,
             problem=problem,
         )
+
+    def _store_on_wire(
+        self, wire: WireChannel, item: EncodedInstance, message_id: int
+    ) -> tuple[int | None, str | None]:
+        """C-STORE an encoded instance as it is; converted first only if the router took another syntax for it."""
+        sop_class, syntax = item.sop_class_uid, str(item.transfer_syntax_uid)
+        context_id = wire.context_for(sop_class, syntax)
+        parts, nbytes = item.parts, item.nbytes
+        if context_id is None:
+            target = _convertible_syntax(syntax, wire.accepted_syntaxes(sop_class))
+            if target is None:
+                raise ValueError(
+                    f"No presentation context for '{UID(sop_class).name}' with transfer syntax "
+                    f"'{UID(syntax).name}' was accepted by the router"
+                )
+            context_id = wire.context_for(sop_class, target)
+            data = encode_data_set(item.to_dataset(), UID(target))
+            parts, nbytes = (data,), len(data)
+        reply = wire.store(context_id, sop_class, item.sop_instance_uid, message_id, parts, nbytes)  # type: ignore[arg-type]
+        if reply.status is None:
+            return None, f"no C-STORE response: {reply.problem}"
+        return reply.status, None
+
+    def _store_with_pynetdicom(self, assoc: Association, item: Instance, message_id: int) -> tuple[int | None, None]:
+        dataset = item.to_dataset() if isinstance(item, EncodedInstance) else item
+        status = assoc.send_c_store(dataset, msg_id=message_id)
+        code = status.get("Status")
+        return (int(code) if code is not None else None), None
 
     def _outcome(
         self,
@@ -597,7 +956,22 @@ class RouterClient:
         )
 
 
-def _preflight(ds: Dataset, study_uid: str, accession: str) -> str | None:
+_NO_RESPONSE = "no C-STORE response (DIMSE timeout or association lost)"
+
+
+def _summary(item: Instance) -> Dataset | RoutingSummary:
+    """What the pre-flight and the study checks read: the Dataset itself, or an encoded instance's summary."""
+    return item.summary if isinstance(item, EncodedInstance) else item
+
+
+def _convertible_syntax(syntax: str, accepted: list[str]) -> str | None:
+    """An accepted syntax the instance can be re-encoded into: only between uncompressed little-endian ones."""
+    if not _is_uncompressed_little_endian(UID(syntax)):
+        return None
+    return next((other for other in accepted if _is_uncompressed_little_endian(UID(other))), None)
+
+
+def _preflight(ds: Dataset | RoutingSummary, study_uid: str, accession: str) -> str | None:
     """Why `ds` must not go into this association, or None. The router answers Success to anything, then fails."""
     problems = check_routable(ds)
     if problems:

@@ -7,7 +7,18 @@ else may change: the ImagingStudy and the stored instances are keyed by the orig
 
 from __future__ import annotations
 
-from pydicom.dataset import Dataset
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 from models.inputs import check_acsn
@@ -74,7 +85,7 @@ def _validate_text(what: str, value: str, max_length: int) -> None:
         raise ValueError(f"{what} must not start or end with a space (DICOM drops the padding)")
 
 
-def check_routable(ds: Dataset) -> list[str]:
+def check_routable(ds: Dataset | Mapping[str, Any]) -> list[str]:
     """List what would make the official router fail to build an ImagingStudy from `ds` (empty list: routable).
 
     Checks that every element the router reads without fallback is present and non-empty, that the UIDs are
@@ -114,3 +125,339 @@ def _is_integer(value: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The same edit on the encoded instance: the send path's form
+
+
+class RoutingSummary(Mapping[str, str]):
+    """The elements of an encoded instance that the router pre-flight reads, as text by keyword.
+
+    Enough for `check_routable` and the router client (`in`, `.get`, attribute access), without building a pydicom
+    Dataset per instance: converting its elements cost more than the whole edit.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = values
+
+    def __getitem__(self, keyword: str) -> str:
+        return self._values[keyword]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, keyword: str) -> str:
+        try:
+            return self._values[keyword]
+        except KeyError:
+            raise AttributeError(keyword) from None
+
+    def __repr__(self) -> str:
+        return f"RoutingSummary({self._values!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedInstance:
+    """One instance as a C-STORE carries it: the data set bytes (no preamble, no file meta), already edited, in the
+    transfer syntax the PACS stored it in.
+
+    Why this form: decoding a 512 KB CT slice with pydicom, editing it and letting pynetdicom encode it again cost
+    more per instance than sending it (bench/RESULTS.md). Here the two short elements are replaced in the encoded
+    bytes and the rest, pixel data included, is never copied: `parts` are slices of the PACS's buffer around the
+    new elements, and their concatenation is the edited data set. `summary` holds what the router pre-flight
+    reads, with AccessionNumber and PatientID as edited.
+    """
+
+    transfer_syntax_uid: UID
+    parts: tuple[bytes | memoryview, ...]
+    summary: RoutingSummary | Dataset
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.summary.get("SOPClassUID", "") or "")
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.summary.get("SOPInstanceUID", "") or "")
+
+    def data_set_bytes(self) -> bytes:
+        """The edited data set in one buffer (a copy: for tests and transfer syntax conversion, not the hot path)."""
+        return b"".join(self.parts)
+
+    def to_dataset(self) -> Dataset:
+        """Decode the whole edited instance, with file meta: what a transfer syntax conversion starts from."""
+        ts = self.transfer_syntax_uid
+        data = self.data_set_bytes()
+        if ts.is_deflated:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = self.sop_class_uid
+        meta.MediaStorageSOPInstanceUID = self.sop_instance_uid
+        meta.TransferSyntaxUID = ts
+        ds.file_meta = meta
+        ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
+        return ds
+
+
+def edit_encoded_for_satusehat(part10: bytes, *, accession_number: str, patient_id: str | None) -> EncodedInstance:
+    """`edit_for_satusehat` on a Part-10 file as the PACS sent it; return the edited data set ready to send.
+
+    The file is walked element by element only up to InstanceNumber (0020,0013); AccessionNumber and PatientID are
+    replaced (or inserted in tag order), a retired group length covering them is corrected, and everything else
+    stays byte for byte as stored. Files this walk does not handle (no Part-10 header, deflated, elements out of
+    order, truncated) take the general path instead: decode with pydicom, edit, encode in the same transfer
+    syntax; same result, slower. Bad values raise ValueError before anything is read.
+    """
+    validate_accession_number(accession_number)
+    if patient_id is not None:
+        validate_patient_id(patient_id)
+    try:
+        return _edit_encoding(part10, accession_number, patient_id)
+    except _NotPlain:
+        return _edit_by_reencoding(part10, accession_number, patient_id)
+
+
+class _NotPlain(Exception):
+    """The encoded edit does not handle this file; the general path does."""
+
+
+_ACCESSION = 0x00080050
+_PATIENT_ID = 0x00100020
+_LAST_READ = 0x00200013  # InstanceNumber: the highest tag the edit and the router pre-flight need
+_SUMMARY_KEYWORDS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080050: "AccessionNumber",
+    0x00080060: "Modality",
+    0x00100020: "PatientID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
+    0x00200013: "InstanceNumber",
+}
+_GROUP_LENGTHS = (0x00080000, 0x00100000)
+_EDIT_VR = {_ACCESSION: b"SH", _PATIENT_ID: b"LO"}
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_WANTED = frozenset(_SUMMARY_KEYWORDS) | frozenset(_GROUP_LENGTHS)
+
+
+class _Walker:
+    """Element headers of one encoding, read with one struct call each; undefined-length values are skipped."""
+
+    def __init__(self, buf: memoryview, implicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.implicit = implicit
+        order = "<" if little else ">"
+        self.explicit_header = struct.Struct(order + "HH2sH")
+        self.implicit_header = struct.Struct(order + "HHL")
+        self.long = struct.Struct(order + "L")
+
+    def element(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+        """(tag, VR or None, value offset, end offset) of the element at `pos`."""
+        buf = self.buf
+        if pos + 8 > len(buf):
+            raise _NotPlain("truncated element header")
+        vr: bytes | None
+        if implicit:
+            group, elem, length = self.implicit_header.unpack_from(buf, pos)
+            vr, value = None, pos + 8
+        else:
+            group, elem, vr, length = self.explicit_header.unpack_from(buf, pos)
+            if vr in _LONG_LENGTH_VRS:
+                if pos + 12 > len(buf):
+                    raise _NotPlain("truncated element header")
+                (length,) = self.long.unpack_from(buf, pos + 8)
+                value = pos + 12
+            elif vr.isalpha() and vr.isupper():
+                value = pos + 8
+            else:
+                raise _NotPlain(f"not an explicit VR at offset {pos}")
+        if length == _UNDEFINED:
+            # An undefined length is a sequence (or UN, whose content is implicit VR little endian: PS3.5 6.2.2).
+            return group << 16 | elem, vr, value, self.skip_sequence(value, implicit or vr == b"UN")
+        end = value + length
+        if end > len(buf):
+            raise _NotPlain("value runs past the end of the file")
+        return group << 16 | elem, vr, value, end
+
+    def skip_sequence(self, pos: int, implicit: bool) -> int:
+        """Offset just past the delimiter of an undefined-length sequence whose first item starts at `pos`."""
+        buf = self.buf
+        while True:
+            if pos + 8 > len(buf):
+                raise _NotPlain("truncated sequence")
+            group, elem, length = self.implicit_header.unpack_from(buf, pos)
+            tag = group << 16 | elem
+            if tag == _SEQUENCE_END:
+                return pos + 8
+            if tag != _ITEM:
+                raise _NotPlain(f"unexpected tag {tag:08X} in a sequence")
+            if length == _UNDEFINED:
+                pos = self._skip_item(pos + 8, implicit)
+            elif pos + 8 + length > len(buf):
+                raise _NotPlain("item runs past the end of the file")
+            else:
+                pos += 8 + length
+
+    def _skip_item(self, pos: int, implicit: bool) -> int:
+        """Offset just past the delimiter of an undefined-length item whose first element starts at `pos`."""
+        while True:
+            if pos + 8 > len(self.buf):
+                raise _NotPlain("truncated item")
+            group, elem, _ = self.implicit_header.unpack_from(self.buf, pos)
+            if group << 16 | elem == _ITEM_END:
+                return pos + 8
+            pos = self.element(pos, implicit)[3]
+
+
+def _edit_encoding(part10: bytes, accession_number: str, patient_id: str | None) -> EncodedInstance:
+    buf = memoryview(part10)
+    start, ts = _after_file_meta(buf)
+    if ts.is_deflated:
+        raise _NotPlain("deflated data sets are edited after inflating")
+    try:
+        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    except ValueError as error:  # a transfer syntax pydicom does not know: it cannot say how to walk it
+        raise _NotPlain(str(error)) from None
+    walker = _Walker(buf, implicit, little)
+
+    # Top-level walk up to InstanceNumber: where the edited elements are (or would go) and what the pre-flight reads.
+    found: dict[int, tuple[int, int, int]] = {}  # tag -> (header offset, value offset, end offset)
+    accession_at = patient_at = -1
+    previous, pos = -1, start
+    while pos < len(buf):
+        tag, _, value, end = walker.element(pos, implicit)
+        if tag <= previous:
+            raise _NotPlain("elements out of order")
+        if accession_at < 0 and tag >= _ACCESSION:
+            accession_at = pos
+        if patient_at < 0 and tag >= _PATIENT_ID:
+            patient_at = pos
+        if tag > _LAST_READ:
+            break
+        if tag in _WANTED:
+            found[tag] = (pos, value, end)
+        previous, pos = tag, end
+    insert_at = {
+        _ACCESSION: accession_at if accession_at >= 0 else pos,
+        _PATIENT_ID: patient_at if patient_at >= 0 else pos,
+    }
+
+    summary = {
+        keyword: bytes(buf[found[tag][1] : found[tag][2]]).decode("latin-1").strip(" \0")
+        for tag, keyword in _SUMMARY_KEYWORDS.items()
+        if tag in found
+    }
+    new_values = {_ACCESSION: accession_number}
+    if patient_id is not None:
+        new_values[_PATIENT_ID] = patient_id
+    edits: list[tuple[int, int, bytes]] = []
+    for tag, text in new_values.items():
+        encoded = _encode_element(tag, _EDIT_VR[tag], _padded(text), implicit, little)
+        old = found.get(tag)
+        begin, end = (old[0], old[2]) if old is not None else (insert_at[tag], insert_at[tag])
+        edits.append((begin, end, encoded))
+        group_length = found.get(tag & 0xFFFF0000)
+        if group_length is not None:
+            edits.append(_group_length_edit(walker, group_length, len(encoded) - (end - begin)))
+        summary[_SUMMARY_KEYWORDS[tag]] = text
+
+    parts: list[bytes | memoryview] = []
+    cursor = start
+    for begin, end, replacement in _merged(edits):
+        if begin > cursor:
+            parts.append(buf[cursor:begin])
+        parts.append(replacement)
+        cursor = end
+    if cursor < len(buf):
+        parts.append(buf[cursor:])
+    return EncodedInstance(ts, tuple(parts), RoutingSummary(summary))
+
+
+def _after_file_meta(buf: memoryview) -> tuple[int, UID]:
+    """Offset of the data set after the Part-10 preamble and file meta, and the meta's transfer syntax."""
+    if len(buf) < 144 or bytes(buf[128:132]) != b"DICM":
+        raise _NotPlain("no Part-10 header")
+    walker = _Walker(buf, implicit=False, little=True)
+    pos, syntax = 132, None
+    while pos + 8 <= len(buf) and bytes(buf[pos : pos + 2]) == b"\x02\x00":
+        tag, _, value, end = walker.element(pos, implicit=False)
+        if tag == 0x00020010:
+            syntax = bytes(buf[value:end]).rstrip(b"\0 ").decode("ascii", "replace")
+        pos = end
+    if not syntax:
+        raise _NotPlain("no transfer syntax in the file meta")
+    return pos, UID(syntax)
+
+
+def _padded(text: str) -> bytes:
+    value = text.encode("ascii")
+    return value + b" " if len(value) % 2 else value
+
+
+def _encode_element(tag: int, vr: bytes, value: bytes, implicit: bool, little: bool) -> bytes:
+    order = "<" if little else ">"
+    if implicit:
+        return struct.pack(order + "HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+    return struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _group_length_edit(walker: _Walker, element: tuple[int, int, int], delta: int) -> tuple[int, int, bytes]:
+    _, value, end = element
+    if end - value != 4:
+        raise _NotPlain("group length element of unexpected size")
+    (old,) = walker.long.unpack_from(walker.buf, value)
+    return value, end, walker.long.pack(old + delta)
+
+
+def _merged(edits: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The edits in file order; two insertions at one offset stay in tag order (AccessionNumber first)."""
+    ordered = sorted(enumerate(edits), key=lambda item: (item[1][0], item[1][1], item[0]))
+    result: list[tuple[int, int, bytes]] = []
+    for _, (begin, end, replacement) in ordered:
+        if result and begin < result[-1][1]:
+            raise _NotPlain("overlapping edits")
+        if result and begin == result[-1][0] == result[-1][1] == end:
+            result[-1] = (begin, end, result[-1][2] + replacement)
+        else:
+            result.append((begin, end, replacement))
+    return result
+
+
+def _edit_by_reencoding(part10: bytes, accession_number: str, patient_id: str | None) -> EncodedInstance:
+    """The general path: pydicom decodes the whole file, the edit is `edit_for_satusehat`, then encode again."""
+    ds = dcmread(BytesIO(part10), force=True)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not syntax:
+        raise ValueError("the PACS sent an instance without a transfer syntax in its file meta")
+    ts = UID(str(syntax))
+    edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id)
+    return EncodedInstance(ts, (encode_data_set(ds, ts),), ds)
+
+
+def encode_data_set(ds: Dataset, transfer_syntax: UID) -> bytes:
+    """`ds` without file meta, encoded in `transfer_syntax` (deflated too), as a C-STORE carries it."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = transfer_syntax.is_implicit_VR
+    fp.is_little_endian = transfer_syntax.is_little_endian
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    if transfer_syntax.is_deflated:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+    return data

@@ -7,8 +7,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
 
 import pytest
+from pydicom import dcmread
 
 from clients.errors import (
     AmbiguousStudy,
@@ -184,6 +186,33 @@ def test_abandoning_the_iteration_leaves_the_client_usable(
     iterator.close()  # what a failed send does to the stream
 
     assert len(list(retrieving_pacs.iter_instances(study.study_instance_uid))) == 5
+
+
+def test_iter_instance_files_yields_the_stored_files(retrieving_pacs: PacsClient, upload_study: UploadStudy) -> None:
+    study = upload_study(series=2, instances_per_series=3, rows=128, columns=96)
+    sent = study.by_sop_uid
+
+    files = list(retrieving_pacs.iter_instance_files(study.study_instance_uid))
+
+    assert all(isinstance(part10, bytes) and part10[128:132] == b"DICM" for part10 in files)
+    received = [dcmread(BytesIO(part10)) for part10 in files]
+    assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(sent)
+    for ds in received:
+        assert ds.PixelData == sent[str(ds.SOPInstanceUID)].PixelData
+
+
+def test_iter_instance_files_takes_the_series_from_the_listing(
+    retrieving_pacs: PacsClient, upload_study: UploadStudy
+) -> None:
+    study = upload_study(series=3, instances_per_series=2)
+    listed = retrieving_pacs.list_instances(study.study_instance_uid)
+    one_series = [ref for ref in listed if ref.series_instance_uid == listed[0].series_instance_uid]
+
+    files = list(retrieving_pacs.iter_instance_files(study.study_instance_uid, listed=one_series))
+
+    assert sorted(str(dcmread(BytesIO(f)).SOPInstanceUID) for f in files) == sorted(
+        r.sop_instance_uid for r in one_series
+    )
 
 
 # -- authentication, connection, settings --------------------------------------------------------------------------
@@ -395,3 +424,57 @@ def test_a_server_ignoring_offset_does_not_loop_forever(scripted: type[ScriptedP
 
     assert [ref.sop_instance_uid for ref in instances] == ["1.2.9.1"]
     assert len(server.requests) == 2
+
+
+# -- WADO-RS multipart answers, cut by the client itself ----------------------------------------------------------
+
+
+def multipart(parts: list[bytes], boundary: str = "b0undary", *, preamble: bytes = b"", close: bool = True) -> Reply:
+    body = preamble
+    for part in parts:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+    if close:
+        body += f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary="{boundary}"'}
+    return Reply(body=body, headers=headers)
+
+
+def series_json(series: str) -> bytes:
+    return json.dumps([{"0020000E": {"vr": "UI", "Value": [series]}}]).encode()
+
+
+def test_multipart_parts_are_cut_exactly(scripted: type[ScriptedPacs]) -> None:
+    """Bodies containing CRLFs, dashes and the boundary's prefix come back byte for byte."""
+    bodies = [b"\r\n--b0undar\r\n\r\n" * 3, b"-" * 5000, b"x", b"\r\n"]
+    server = scripted([Reply(body=series_json("1.2.9")), multipart(bodies, preamble=b"ignored preamble\r\n")])
+
+    files = list(PacsClient(server.root).iter_instance_files("1.2.8"))
+
+    assert files == bodies
+    assert server.requests[1].startswith("/dicom-web/studies/1.2.8/series/1.2.9")
+
+
+def test_a_multipart_answer_cut_short_is_upstream_unavailable(scripted: type[ScriptedPacs]) -> None:
+    server = scripted([Reply(body=series_json("1.2.9")), multipart([b"one", b"two"], close=False)])
+
+    with pytest.raises(UpstreamUnavailable, match="not valid DICOMweb"):
+        list(PacsClient(server.root).iter_instance_files("1.2.8"))
+
+
+def test_a_bare_application_dicom_answer_is_one_instance(scripted: type[ScriptedPacs]) -> None:
+    server = scripted(
+        [Reply(body=series_json("1.2.9")), Reply(body=b"DICOMBYTES", headers={"Content-Type": "application/dicom"})]
+    )
+    assert list(PacsClient(server.root).iter_instance_files("1.2.8")) == [b"DICOMBYTES"]
+
+
+def test_an_html_error_page_instead_of_multipart_is_upstream_unavailable(scripted: type[ScriptedPacs]) -> None:
+    server = scripted([Reply(body=series_json("1.2.9")), Reply(body=b"<html/>", headers={"Content-Type": "text/html"})])
+    with pytest.raises(UpstreamUnavailable, match="not valid DICOMweb"):
+        list(PacsClient(server.root).iter_instance_files("1.2.8"))
+
+
+def test_a_retrieval_refused_with_404_is_study_not_found(scripted: type[ScriptedPacs]) -> None:
+    server = scripted([Reply(body=series_json("1.2.9")), Reply(404, b"gone", {"Content-Type": "text/plain"})])
+    with pytest.raises(StudyNotFound):
+        list(PacsClient(server.root).iter_instance_files("1.2.8"))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,9 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode as pynetdicom_encode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
@@ -47,14 +51,19 @@ from clients.router import (
     ResponseKeepingDIMSE,
     RouterClient,
     StudyOutcome,
+    WireChannel,
+    WireReply,
+    c_store_command,
     classify_store_status,
     guard_response_race,
     is_for_sender,
+    p_data_buffers,
+    parse_store_response,
     presentation_contexts,
     raise_for_outcome,
     router_slots,
 )
-from models.dicom import edit_for_satusehat
+from models.dicom import EncodedInstance, edit_encoded_for_satusehat, edit_for_satusehat
 from models.settings import Settings
 from stack.ports import LOOPBACK, free_port
 from stack.studies import StudySpec, iter_instances
@@ -91,6 +100,7 @@ class RecordingSCP:
     on_store: Callable[[int], None] | None = None
     maximum_associations: int = 10
     contexts: list[PresentationContext] | None = None
+    maximum_pdu_size: int = 16382  # pynetdicom's default, the official router's
     port: int = 0
     received: list[Dataset] = field(default_factory=list)
     store_assocs: list[int] = field(default_factory=list)
@@ -104,6 +114,7 @@ class RecordingSCP:
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = True
         ae.maximum_associations = self.maximum_associations
+        ae.maximum_pdu_size = self.maximum_pdu_size
         if self.contexts is None:
             ae.supported_contexts = AllStoragePresentationContexts
             ae.add_supported_context(Verification)
@@ -803,4 +814,314 @@ def test_router_client_sends_through_the_provoked_race(start_scp: Callable[..., 
 
     assert outcome.complete, outcome.describe()
     assert provokers[0].polls_with_response == 6
+    assert isinstance(provokers[0].assoc.dimse, ResponseKeepingDIMSE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The wire path: encoded instances written and answered on the socket by the sending thread (WireChannel)
+
+
+def part10(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def encoded(
+    instances: list[Dataset], accession: str = "RAD2024000123", patient: str | None = "P02478375538"
+) -> Iterator[EncodedInstance]:
+    return (edit_encoded_for_satusehat(part10(ds), accession_number=accession, patient_id=patient) for ds in instances)
+
+
+def test_encoded_study_arrives_edited_and_otherwise_identical(start_scp: Callable[..., RecordingSCP]) -> None:
+    scp = start_scp()
+    instances = study(StudySpec(series=3, instances_per_series=4, accession_number="OLD", patient_id="MRN1"))
+    originals = {ds.SOPInstanceUID: ds for ds in instances}
+
+    outcome = scp.client().send_study(encoded(instances))
+
+    assert outcome.complete, outcome.describe()
+    assert (outcome.sent, outcome.confirmed, outcome.failures) == (12, 12, ())
+    assert sorted(ds.SOPInstanceUID for ds in scp.received) == sorted(originals), "every instance exactly once"
+    for ds in scp.received:
+        original = originals[ds.SOPInstanceUID]
+        assert (ds.AccessionNumber, ds.PatientID) == ("RAD2024000123", "P02478375538")
+        assert {elem.tag for elem in ds} == {elem.tag for elem in original}
+        for elem in original:
+            if elem.keyword not in ("AccessionNumber", "PatientID"):
+                assert ds[elem.tag].value == elem.value, elem.keyword
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert len(set(scp.store_assocs)) == 1, "one association for the whole study"
+    assert wait_until(lambda: len(scp.released) == 1)
+    assert scp.aborted == []
+
+
+@pytest.mark.parametrize("maximum_pdu", [4096, 16382, 0])
+def test_wire_fragments_at_the_routers_maximum_pdu(start_scp: Callable[..., RecordingSCP], maximum_pdu: int) -> None:
+    """A 64 KB data set in 4 KB PDUs, in 16 KB PDUs, and in one PDU (0: the router sets no maximum)."""
+    scp = start_scp(maximum_pdu_size=maximum_pdu)
+    instances = study(StudySpec(series=1, instances_per_series=3, rows=128, columns=256))
+
+    outcome = scp.client().send_study(encoded(instances))
+
+    assert outcome.complete, outcome.describe()
+    assert [ds.PixelData for ds in scp.received] == [ds.PixelData for ds in instances]
+
+
+@pytest.mark.parametrize("form", ["dataset", "encoded"])
+def test_every_status_is_read_in_both_forms(start_scp: Callable[..., RecordingSCP], form: str) -> None:
+    statuses = {1: 0x0000, 2: 0xB000, 3: 0xA700, 4: 0xC000, 5: 0x0000}
+    scp = start_scp(status_for=lambda n: statuses[n])
+    instances = study(StudySpec(series=1, instances_per_series=5))
+    stream = edited(instances, accession="ACC1") if form == "dataset" else encoded(instances, accession="ACC1")
+
+    outcome = scp.client().send_study(stream)
+
+    assert (outcome.sent, outcome.confirmed, outcome.warnings) == (5, 3, 1)
+    assert [(f.sop_instance_uid, f.status, f.retryable) for f in outcome.failures] == [
+        (instances[2].SOPInstanceUID, 0xA700, True),
+        (instances[3].SOPInstanceUID, 0xC000, False),
+    ]
+    assert outcome.association_ok
+    with pytest.raises(InstanceRejected):
+        raise_for_outcome(outcome)
+
+
+def test_wire_abort_mid_study_ends_it_at_once(start_scp: Callable[..., RecordingSCP]) -> None:
+    """The router's A-ABORT is left for pynetdicom to read: the study stops there, with no DIMSE timeout wait."""
+    scp = start_scp(abort_at=3)
+    outcome = scp.client(dimse_timeout=DEADLINE_S).send_study(
+        encoded(study(StudySpec(series=2, instances_per_series=3)))
+    )
+
+    assert (outcome.sent, outcome.confirmed) == (3, 2)
+    assert outcome.problem is not None and outcome.problem.kind == "aborted"
+    assert [f.retryable for f in outcome.failures] == [True]
+    assert "no C-STORE response" in outcome.failures[0].reason
+    with pytest.raises(StoreIncomplete):
+        raise_for_outcome(outcome)
+
+
+def test_wire_dimse_timeout_aborts_rather_than_releasing(start_scp: Callable[..., RecordingSCP]) -> None:
+    release = threading.Event()
+    scp = start_scp(on_store=lambda n: release.wait(DEADLINE_S) if n == 2 else None)
+    try:
+        outcome = scp.client(dimse_timeout=0.3).send_study(encoded(study(StudySpec(series=1, instances_per_series=4))))
+    finally:
+        release.set()
+
+    assert (outcome.sent, outcome.confirmed) == (2, 1)
+    assert "DIMSE timeout" in outcome.failures[0].reason
+    assert outcome.problem is not None and outcome.problem.kind == "aborted"
+    assert wait_until(lambda: len(scp.aborted) == 1), "the router sees an abort, never a release of a part"
+    assert scp.released == []
+
+
+def test_wire_converts_when_the_router_takes_only_another_uncompressed_syntax(
+    start_scp: Callable[..., RecordingSCP],
+) -> None:
+    scp = start_scp(contexts=[build_context(CTImageStorage, ImplicitVRLittleEndian)])
+    instances = study(StudySpec(series=1, instances_per_series=2))
+
+    outcome = scp.client().send_study(encoded(instances))
+
+    assert outcome.complete, outcome.describe()
+    assert {ds.file_meta.TransferSyntaxUID for ds in scp.received} == {ImplicitVRLittleEndian}
+    assert [ds.PixelData for ds in scp.received] == [ds.PixelData for ds in instances]
+    assert {ds.AccessionNumber for ds in scp.received} == {"RAD2024000123"}
+
+
+def test_wire_without_an_accepted_context_records_a_permanent_failure(
+    start_scp: Callable[..., RecordingSCP],
+) -> None:
+    scp = start_scp()
+    pairs = [(CTImageStorage, ExplicitVRLittleEndian)]
+    outcome = scp.client().send_study(encoded(mixed_study()), sop_classes_and_syntaxes=pairs)
+
+    assert (outcome.sent, outcome.confirmed) == (2, 2)
+    assert len(outcome.failures) == 2
+    assert all("No presentation context" in f.reason and not f.retryable for f in outcome.failures)
+
+
+def test_wire_preflight_refuses_unroutable_and_foreign_instances(start_scp: Callable[..., RecordingSCP]) -> None:
+    instances = study(StudySpec(series=1, instances_per_series=4))
+    del instances[1].Modality
+    instances[2].StudyInstanceUID = generate_uid()
+    scp = start_scp()
+
+    outcome = scp.client().send_study(encoded(instances))
+
+    assert (outcome.sent, outcome.confirmed) == (2, 2)
+    reasons = {f.sop_instance_uid: f.reason for f in outcome.failures}
+    assert "Modality is missing" in reasons[instances[1].SOPInstanceUID]
+    assert "one association carries one study" in reasons[instances[2].SOPInstanceUID]
+
+
+def test_wire_failing_stream_aborts_and_propagates(start_scp: Callable[..., RecordingSCP]) -> None:
+    class PacsBroke(Exception):
+        pass
+
+    def breaking() -> Iterator[EncodedInstance]:
+        stream = encoded(study(StudySpec(series=1, instances_per_series=4)))
+        yield next(stream)
+        yield next(stream)
+        raise PacsBroke("stream ended early")
+
+    scp = start_scp()
+    with pytest.raises(PacsBroke):
+        scp.client().send_study(breaking())
+
+    assert wait_until(lambda: len(scp.aborted) == 1)
+    assert scp.released == [] and len(scp.received) == 2
+
+
+def test_datasets_and_encoded_instances_share_one_association(start_scp: Callable[..., RecordingSCP]) -> None:
+    """The channel hands the socket back to pynetdicom for a Dataset and takes it again for the next encoded one."""
+    instances = study(StudySpec(series=1, instances_per_series=6))
+    as_datasets = list(edited(instances[:3], accession="ACC9", patient="P9"))
+    as_encoded = list(encoded(instances[3:], accession="ACC9", patient="P9"))
+    mixed: list[Dataset | EncodedInstance] = [as_datasets[0], as_encoded[0], as_datasets[1], as_encoded[1]]
+    mixed += [as_datasets[2], as_encoded[2]]
+    scp = start_scp()
+
+    outcome = scp.client().send_study(iter(mixed))
+
+    assert outcome.complete, outcome.describe()
+    assert len(set(scp.store_assocs)) == 1
+    assert {ds.AccessionNumber for ds in scp.received} == {"ACC9"}
+
+
+def test_wire_path_leaves_nothing_for_the_reactor_to_steal(start_scp: Callable[..., RecordingSCP]) -> None:
+    """While the channel is engaged, the reactor is parked and the DUL does not read: no response ever reaches the
+    DIMSE queue, so the race of §5.3 has nothing to take. The guard stays installed for Dataset sends."""
+    seen: list[tuple[bool, bool, int]] = []
+
+    class Watching(RouterClient):
+        def _store_on_wire(
+            self, wire: WireChannel, item: EncodedInstance, message_id: int
+        ) -> tuple[int | None, str | None]:
+            result = super()._store_on_wire(wire, item, message_id)
+            assoc = wire._assoc
+            seen.append((assoc._is_paused, assoc.dul._is_transport_event(), assoc.dimse.msg_queue.qsize()))
+            return result
+
+    scp = start_scp()
+    client = Watching(LOOPBACK, scp.port, ROUTER_AET)
+    outcome = client.send_study(encoded(study(StudySpec(series=2, instances_per_series=3))))
+
+    assert outcome.complete
+    assert seen == [(True, False, 0)] * 6
+
+
+def test_dcmtk_storescp_receives_the_encoded_study_as_files(tmp_path: Path) -> None:
+    dcmtk = pytest.importorskip("stack.dcmtk")
+    if dcmtk.find_tool("storescp") is None:
+        pytest.skip("dcmtk storescp is not installed")
+    instances = study(StudySpec(series=2, instances_per_series=5, rows=256, columns=256))
+    pixels = {ds.SOPInstanceUID: ds.PixelData for ds in instances}
+
+    with dcmtk.StoreSCP(tmp_path / "recv", aet=ROUTER_AET) as storescp:
+        client = RouterClient(storescp.host, storescp.port, ROUTER_AET)
+        outcome = client.send_study(encoded(instances, accession="ACSN-WIRE-1"))
+        files = storescp.wait_for_files(len(instances))
+
+    assert outcome.complete, outcome.describe()
+    read = [dcmread(path) for path in files]
+    assert {ds.SOPInstanceUID: ds.PixelData for ds in read} == pixels
+    assert {ds.AccessionNumber for ds in read} == {"ACSN-WIRE-1"}
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4.5", "1.2.3.4.56", generate_uid()])
+@pytest.mark.parametrize("message_id", [1, 7, 0xFFFF])
+def test_the_command_set_is_the_one_pynetdicom_encodes(sop_instance_uid: str, message_id: int) -> None:
+    req = C_STORE()
+    req.MessageID = message_id
+    req.Priority = 2
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop_instance_uid
+    req.DataSet = BytesIO(b"\0\0")
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+
+    assert c_store_command(CTImageStorage, sop_instance_uid, message_id) == pynetdicom_encode(
+        message.command_set, True, True
+    )
+
+
+def store_response_command(message_id: int, status: int, comment: str | None = None) -> bytes:
+    rsp = store_response(message_id)
+    rsp.Status = status
+    rsp.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    return pynetdicom_encode(message.command_set, True, True)
+
+
+def test_a_store_response_is_read_for_its_status_and_message() -> None:
+    assert parse_store_response(store_response_command(5, 0x0000), 5) == WireReply(0x0000)
+    reply = parse_store_response(store_response_command(5, 0xA700, "disk full"), 5)
+    assert (reply.status, reply.comment) == (0xA700, "disk full")
+    wrong = parse_store_response(store_response_command(4, 0x0000), 5)
+    assert wrong.status is None and "not 5" in (wrong.problem or "")
+    assert parse_store_response(b"", 5).status is None
+
+
+def test_p_data_buffers_split_across_parts_within_the_pdu_limit() -> None:
+    parts = (b"a" * 10, memoryview(b"b" * 25), b"c" * 7)
+    buffers = p_data_buffers(parts, 42, context_id=3, fragment=16)
+
+    pdus, data, stream = [], b"", b"".join(bytes(b) for b in buffers)
+    pos = 0
+    while pos < len(stream):
+        kind, _, length = struct.unpack_from(">BBL", stream, pos)
+        item_length, context_id, control = struct.unpack_from(">LBB", stream, pos + 6)
+        pdus.append((kind, length, item_length, context_id, control))
+        data += stream[pos + 12 : pos + 6 + length]
+        pos += 6 + length
+    assert data == b"a" * 10 + b"b" * 25 + b"c" * 7
+    assert [p[4] for p in pdus] == [0x00, 0x00, 0x02]
+    assert all(kind == 0x04 and length <= 16 + 6 and ctx == 3 for kind, length, _, ctx, _ in pdus)
+
+
+def test_stored_first_contexts_offer_each_stored_syntax_alone_then_the_merged_fallback() -> None:
+    contexts = presentation_contexts(
+        [
+            (CTImageStorage, ExplicitVRLittleEndian),
+            (CTImageStorage, JPEGLosslessSV1),
+            (MRImageStorage, ExplicitVRLittleEndian),
+        ],
+        stored_first=True,
+    )
+    assert [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in contexts] == [
+        (CTImageStorage, [ExplicitVRLittleEndian]),
+        (CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+        (CTImageStorage, [JPEGLosslessSV1]),
+        (MRImageStorage, [ExplicitVRLittleEndian]),
+        (MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    ]
+
+
+def test_the_race_guard_still_holds_around_the_wire_path(start_scp: Callable[..., RecordingSCP]) -> None:
+    """The provoked race of §5.3 on every Dataset send, with encoded instances sent on the wire in between: every
+    Dataset response is handed to its sender (the guard), every encoded one is read off the socket (no race)."""
+    provokers: list[RaceProvoker] = []
+
+    class Racing(RouterClient):
+        def _prepare(self, assoc: Association) -> None:
+            super()._prepare(assoc)
+            provokers.append(RaceProvoker(assoc).install())
+
+    instances = study(StudySpec(series=1, instances_per_series=6))
+    as_datasets = list(edited(instances[:3], accession="ACC9", patient="P9"))
+    as_encoded = list(encoded(instances[3:], accession="ACC9", patient="P9"))
+    mixed: list[Dataset | EncodedInstance] = [
+        item for pair in zip(as_datasets, as_encoded, strict=True) for item in pair
+    ]
+    scp = start_scp()
+
+    outcome = Racing(LOOPBACK, scp.port, ROUTER_AET, dimse_timeout=DEADLINE_S).send_study(iter(mixed))
+
+    assert outcome.complete, outcome.describe()
+    assert (outcome.sent, outcome.confirmed) == (6, 6)
+    assert provokers[0].polls_with_response == 3, "the race happened on each Dataset send and was survived"
     assert isinstance(provokers[0].assoc.dimse, ResponseKeepingDIMSE)

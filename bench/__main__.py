@@ -1,0 +1,70 @@
+"""One command for the gateway's benchmarks: `python -m bench {routing,memory,concurrency,profile,all}`.
+
+Each prints its tables (Markdown, as in bench/RESULTS.md) and writes raw figures to bench/results/<name>.json.
+`--quick` is a smoke run (one round, base sizes only) to check that everything works; the figures in
+RESULTS.md come from the full run (`python -m bench all`, about 15 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import ExitStack
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("benchmark", choices=["routing", "memory", "concurrency", "profile", "all"])
+    parser.add_argument("--runs", type=int, default=None, help="rounds per method (default: 5 routing, 3 others)")
+    parser.add_argument("--quick", action="store_true", help="one round, base sizes only: a smoke run")
+    args = parser.parse_args(argv)
+
+    from bench import common
+    from stack.prefect_server import PrefectServer
+
+    chosen = ["routing", "memory", "concurrency", "profile"] if args.benchmark == "all" else [args.benchmark]
+    with ExitStack() as exits, common._signals_unwind():
+        server = None
+        if any(name in chosen for name in ("routing", "memory", "concurrency")):
+            common.log("bench: starting a Prefect server on 127.0.0.1")
+            server = PrefectServer()
+            server.start()
+            exits.callback(server.stop)
+        for name in chosen:
+            if name == "routing":
+                from bench import routing
+
+                routing.run(
+                    runs=1 if args.quick else (args.runs or 5),
+                    sizes=(300,) if args.quick else (300, 600),
+                    large_pdu=not args.quick,
+                    prefect_server=server,
+                )
+            elif name == "memory":
+                from bench import memory
+
+                memory.run(
+                    runs=1 if args.quick else (args.runs or 3),
+                    sizes=(2000,) if args.quick else (2000, 4000),
+                    prefect_server=server,
+                )
+            elif name == "concurrency":
+                from bench import concurrency
+
+                concurrency.run(
+                    runs=1 if args.quick else (args.runs or 3),
+                    sizes=(300,) if args.quick else (300, 600),
+                    prefect_server=server,
+                )
+            elif name == "profile":
+                from bench import profiling
+
+                profiling.run(rounds=2 if args.quick else 5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

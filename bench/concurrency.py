@@ -1,0 +1,247 @@
+"""Item 3 (and its part of 6): 8 studies at once against one at a time, on this 2-core machine.
+
+Eight CT studies (300 slices each) are in Orthanc; the receiver is storescp with --fork (one process per
+association, as a router serving several modalities must; plain storescp serves one association at a time and
+would serialise any sender). Sequential: the 8 studies routed one after another. Concurrent: 8 at once, with the
+per-router association cap (RouterClient's process-wide slots, ROUTER_MAX_ASSOCIATIONS) at 1, 2, 4 (the default)
+and 8. Both through route_study in threads (one PACS client each, as the gateway's tasks have) and through 8
+dicom_process flows on the Prefect server (asyncio.gather in one worker, cap from the settings). Throughput is
+instances per second; the ratio is concurrent throughput over sequential. Doubling: 8 studies of 600 slices.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bench.common import (
+    ROUTER_AET,
+    Stack,
+    cpu_seconds,
+    descendants,
+    fmt,
+    load,
+    log,
+    machine,
+    ratio,
+    stack,
+    summary,
+    table,
+    verify_received,
+    write_results,
+)
+from bench.methods import PATIENT_ID, FlowRunner, RouteTimer, new_accession, rotate
+from clients import router as router_module
+from clients.pacs import PacsClient
+from clients.router import RouterClient
+from clients.routing import route_study
+from stack.prefect_server import PrefectServer
+from stack.studies import StudySpec
+
+STUDIES = 8
+CAPS = (1, 2, 4, 8)
+TARGET = 1.5
+CORES = os.cpu_count() or 2
+
+
+def run(
+    *, runs: int = 3, sizes: tuple[int, ...] = (300, 600), prefect_server: PrefectServer | None = None
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"benchmark": "concurrency", "machine": machine(), "runs": runs, "sizes": {}}
+    with stack(receivers=[("fork", ("--fork",))], prefect=True, prefect_server=prefect_server) as st:
+        timer = RouteTimer().install()
+        flow = FlowRunner(st, timer)
+        try:
+            for size in sizes:
+                log(f"concurrency: uploading {STUDIES} studies of {size} instances")
+                uids = [
+                    st.upload(StudySpec(series=1, instances_per_series=size, rows=512, columns=512))
+                    for _ in range(STUDIES)
+                ]
+                results["sizes"][str(size)] = _measure(st, flow, uids, size, runs)
+                st.orthanc.delete_all()
+        finally:
+            flow.close()
+            timer.uninstall()
+    results["load_at_end"] = load()
+    write_results("concurrency", results)
+    print(report(results))
+    return results
+
+
+def _measure(st: Stack, flow: FlowRunner, uids: list[str], size: int, runs: int) -> dict[str, Any]:
+    receiver = st.receivers["fork"]
+    total = len(uids) * size
+    modes = ["sequential"] + [f"threads_cap{cap}" for cap in CAPS] + ["flows_sequential", "flows_concurrent_cap4"]
+
+    cpu_by_mode: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    meters = _cpu_meters(st)
+
+    def one(mode: str) -> float:
+        receiver.clear()
+        _reset_caps()
+        before = {name: meter() for name, meter in meters.items()}
+        elapsed = _run_mode(mode)
+        verify_received(receiver, total, None, timeout_s=60)
+        if mode in cpu_by_mode:
+            cpu_by_mode[mode].append({name: meter() - before[name] for name, meter in meters.items()})
+        return elapsed
+
+    def _run_mode(mode: str) -> float:
+        if mode == "sequential":
+            elapsed = _threads(st, uids, workers=1, cap=4)
+        elif mode.startswith("threads_cap"):
+            elapsed = _threads(st, uids, workers=len(uids), cap=int(mode.removeprefix("threads_cap")))
+        else:
+            os.environ["ROUTER_MAX_ASSOCIATIONS"] = "4"
+            flow._receiver = None  # re-read the settings
+            flow.use("fork")
+            concurrent = mode == "flows_concurrent_cap4"
+            elapsed = _flows(flow, uids, concurrent=concurrent)
+        return elapsed
+
+    log(f"concurrency: {size} instances x {len(uids)}: warm-up")
+    for mode in ("threads_cap4", "flows_concurrent_cap4"):
+        receiver.clear()
+        _reset_caps()
+        _run_mode(mode)
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_ in range(runs):
+        log(f"concurrency: {size} instances x {len(uids)}: round {round_ + 1}/{runs}, load {load()}")
+        for mode in rotate(modes, round_):
+            samples[mode].append(one(mode))
+    stats = {mode: summary(values) for mode, values in samples.items()}
+    throughput = {mode: round(total / s["median"], 1) for mode, s in stats.items()}
+    speedups = {
+        mode: ratio(stats["sequential"], stats[mode])
+        for mode in modes
+        if mode.startswith("threads") or mode == "sequential"
+    }
+    speedups["flows_concurrent_cap4"] = ratio(stats["flows_sequential"], stats["flows_concurrent_cap4"])
+    cpu = {
+        mode: {name: round(statistics.median(v[name] for v in values) / len(uids), 3) for name in meters}
+        for mode, values in cpu_by_mode.items()
+    }
+    sequential_cpu = sum(cpu["sequential"].values())
+    bound = round(stats["sequential"]["median"] / len(uids) / (sequential_cpu / CORES), 2)
+    return {
+        "studies": len(uids),
+        "instances_per_study": size,
+        "cpu_s_per_study": cpu,
+        "speedup_bound_from_cpu": bound,
+        "stats": stats,
+        "instances_per_s": throughput,
+        "speedup_over_sequential": speedups,
+        "met": {mode: value >= TARGET for mode, value in speedups.items() if mode != "sequential"},
+        "load": load(),
+    }
+
+
+def _cpu_meters(st: Stack) -> dict[str, Callable[[], float]]:
+    """CPU seconds used so far by each process of the routing: this gateway process (its threads), the receiver
+    (storescp and its forked children, reaped), Orthanc, and the Prefect server (with its worker processes)."""
+    meters: dict[str, Callable[[], float]] = {"gateway": lambda: cpu_seconds(os.getpid())}
+    scp_pid = _pid(st.receivers["fork"].scp)
+    if scp_pid is not None:
+        meters["storescp"] = lambda: cpu_seconds(scp_pid, reaped_children=True)
+    orthanc_pid = st.orthanc.pid
+    if orthanc_pid is not None:
+        meters["orthanc"] = lambda: cpu_seconds(orthanc_pid)
+    server_pid = _pid(st.prefect)
+    if server_pid is not None:
+        meters["prefect_server"] = lambda: (
+            cpu_seconds(server_pid, reaped_children=True) + sum(cpu_seconds(child) for child in descendants(server_pid))
+        )
+    return meters
+
+
+def _pid(owner: object) -> int | None:
+    """The PID of a stack helper's child process (StoreSCP and PrefectServer keep it private)."""
+    return getattr(getattr(owner, "_process", None), "pid", None)
+
+
+def _reset_caps() -> None:
+    """Forget the process-wide router slots, so the next RouterClient sets the cap (bench only: in a worker the
+    first client's limit stays, by design)."""
+    with router_module._slots_lock:
+        router_module._slots.clear()
+
+
+def _threads(st: Stack, uids: list[str], *, workers: int, cap: int) -> float:
+    scp = st.receivers["fork"].scp
+    local = threading.local()
+
+    def route(uid: str) -> None:
+        pacs = getattr(local, "pacs", None)
+        if pacs is None:
+            pacs = local.pacs = PacsClient(st.orthanc.dicomweb_url, username="bench", password="bench-password")
+        router = RouterClient(scp.host, scp.port, ROUTER_AET, max_associations=cap)
+        report = route_study(
+            pacs, router, study_instance_uid=uid, accession_number=new_accession(), patient_id=PATIENT_ID
+        )
+        if not report.outcome.complete:
+            raise RuntimeError(report.outcome.describe())
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-route") as pool:
+        list(pool.map(route, uids))
+    return time.perf_counter() - started
+
+
+def _flows(flow: FlowRunner, uids: list[str], *, concurrent: bool) -> float:
+    import asyncio
+
+    from flows.dicom import dicom_process
+    from models.inputs import DicomProcessInput
+
+    payloads = [DicomProcessInput(study=uid, patientid=PATIENT_ID, accesionnum=new_accession()) for uid in uids]
+
+    async def sequential() -> None:
+        for payload in payloads:
+            await dicom_process(payload)
+
+    async def together() -> None:
+        await asyncio.gather(*(dicom_process(payload) for payload in payloads))
+
+    started = time.perf_counter()
+    flow.loop.run_until_complete(together() if concurrent else sequential())
+    return time.perf_counter() - started
+
+
+def report(results: dict[str, Any]) -> str:
+    out = []
+    for size, block in results["sizes"].items():
+        rows = []
+        for mode, stats in block["stats"].items():
+            speedup = block["speedup_over_sequential"].get(mode, "")
+            met = block["met"].get(mode)
+            rows.append(
+                [
+                    mode,
+                    fmt(stats),
+                    block["instances_per_s"][mode],
+                    speedup,
+                    "" if met is None else ("met" if met else "NOT met"),
+                ]
+            )
+        out.append(f"\n### {block['studies']} studies x {size} instances (load at end {block['load']})\n")
+        out.append(
+            table(["mode", "wall s median (min-max)", "instances/s", f"x sequential (target >= {TARGET})", ""], rows)
+        )
+        names = list(next(iter(block["cpu_s_per_study"].values())))
+        cpu_rows = [
+            [mode, *(f"{values[name]:.3f}" for name in names), f"{sum(values.values()):.3f}"]
+            for mode, values in block["cpu_s_per_study"].items()
+        ]
+        out.append(f"\nCPU seconds per study (median of runs); {CORES} cores\n")
+        out.append(table(["mode", *names, "total"], cpu_rows))
+        out.append(
+            f"\nUpper bound on the speedup from CPU alone (sequential wall per study / (its CPU per study / "
+            f"{CORES} cores)): {block['speedup_bound_from_cpu']}"
+        )
+    return "\n".join(out)
