@@ -1,8 +1,9 @@
-"""One command for the gateway's benchmarks: `python -m bench {routing,memory,concurrency,profile,all}`.
+"""One command for the gateway's benchmarks: `python -m bench NAME`, NAME one of routing, memory, concurrency,
+profile, backlog, overhead or all.
 
 Each prints its tables (Markdown, as in bench/RESULTS.md) and writes raw figures to bench/results/<name>.json.
 `--quick` is a smoke run (one round, base sizes only) to check that everything works; the figures in
-RESULTS.md come from the full run (`python -m bench all`, about 15 minutes on 2 cores).
+RESULTS.md come from the full run (`python -m bench all`, about 35 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -17,18 +18,23 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("benchmark", choices=["routing", "memory", "concurrency", "profile", "all"])
-    parser.add_argument("--runs", type=int, default=None, help="rounds per method (default: 5 routing, 3 others)")
+    parser.add_argument(
+        "benchmark", choices=["routing", "memory", "concurrency", "profile", "backlog", "overhead", "all"]
+    )
+    parser.add_argument(
+        "--runs", type=int, default=None, help="rounds per method (default: 5 routing, 9 overhead, 3 others)"
+    )
     parser.add_argument("--quick", action="store_true", help="one round, base sizes only: a smoke run")
     args = parser.parse_args(argv)
 
     from bench import common
     from stack.prefect_server import PrefectServer
 
-    chosen = ["routing", "memory", "concurrency", "profile"] if args.benchmark == "all" else [args.benchmark]
+    everything = ["routing", "memory", "concurrency", "profile", "backlog", "overhead"]
+    chosen = everything if args.benchmark == "all" else [args.benchmark]
     with ExitStack() as exits, common._signals_unwind():
         server = None
-        if any(name in chosen for name in ("routing", "memory", "concurrency")):
+        if any(name in chosen for name in ("routing", "memory", "concurrency", "overhead")):
             common.log("bench: starting a Prefect server on 127.0.0.1")
             server = PrefectServer()
             server.start()
@@ -63,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import profiling
 
                 profiling.run(rounds=2 if args.quick else 5)
+            elif name == "backlog":
+                from bench import backlog
+
+                # Its own Prefect server, on PostgreSQL when there is one (see bench/backlog.py).
+                backlog.run(
+                    runs=1 if args.quick else (args.runs or 3),
+                    sizes=(50,) if args.quick else (250, 500),
+                    baseline_sample=3 if args.quick else backlog.BASELINE_SAMPLE,
+                    flow_orders=20 if args.quick else backlog.BASELINE_FLOW_ORDERS,
+                )
+            elif name == "overhead":
+                from bench import overhead
+
+                overhead.run(runs=2 if args.quick else (args.runs or 9), prefect_server=server)
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from cli import api_cmd, demo_cmd, orders_cmd, run_cmd, serve_cmd, simulator_cmd
+from clients.log_file import attach_log_file
+from models.settings import LogSettings, SettingsError, load_settings
 
 app = typer.Typer(
     name="satset",
@@ -17,6 +19,11 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """SATUSEHAT radiology gateway."""
+    try:
+        attach_log_file(load_settings(LogSettings).log_file)
+    except SettingsError as error:
+        typer.echo(f"satset: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 app.command("simulator")(simulator_cmd.simulator)

@@ -16,15 +16,18 @@
 There is exactly one retry layer, and it is not here: apart from the single 401 refresh, the client never
 repeats a request. `RateLimited` and the other `Retryable` errors carry `retry_after` (from `Retry-After`) and
 the Prefect task decides whether and when to try again, so attempts show in the UI and retries never multiply.
-An optional token bucket (`max_requests_per_second`) spaces requests out before they are sent.
+An optional cap (`max_requests_per_second`) spaces requests out before they are sent (a token bucket) and keeps
+any one-second window at the platform within the cap whatever delays them on the way (a request window,
+clients/ratelimit.py).
 
 The client holds no Prefect import and works as well from a notebook. It is safe to share between threads
-(the Prefect tasks call it through `asyncio.to_thread`). Tokens and the client secret never appear in
-messages or logs; request lines are logged at DEBUG (method, path and query, status, milliseconds).
+(the Prefect tasks call it from the process's I/O threads, tasks/runtime.py). Tokens and the client secret never
+appear in messages or logs; request lines are logged at DEBUG (method, path and query, status, milliseconds).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
@@ -53,7 +56,7 @@ from clients.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from clients.ratelimit import RateLimiter
+from clients.ratelimit import RateLimiter, RequestWindow
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -141,8 +144,10 @@ class SatusehatClient:
             raise ValueError("client_secret must not be empty")
         if max_requests_per_second is not None and rate_limiter is not None:
             raise ValueError("pass either max_requests_per_second or rate_limiter, not both")
+        window = None
         if max_requests_per_second is not None:
             rate_limiter = RateLimiter(max_requests_per_second)
+            window = RequestWindow.per_second(max_requests_per_second)
 
         self.auth_base = auth_base.rstrip("/")
         self.fhir_base = fhir_base.rstrip("/")
@@ -152,6 +157,7 @@ class SatusehatClient:
         self._client_secret = secret
         self._clock = clock
         self._limiter = rate_limiter
+        self._window = window
         self._token: _Token | None = None
         self._token_lock = threading.Lock()
         self._http = httpx.Client(
@@ -180,6 +186,11 @@ class SatusehatClient:
     def rate_limiter(self) -> RateLimiter | None:
         """The token bucket every request passes through, if a cap is set."""
         return self._limiter
+
+    @property
+    def request_window(self) -> RequestWindow | None:
+        """With `max_requests_per_second`: what makes the cap hold as the platform counts, not only as sent."""
+        return self._window
 
     def __repr__(self) -> str:
         return f"SatusehatClient(fhir_base={self.fhir_base!r}, org_id={self.org_id!r})"
@@ -290,7 +301,22 @@ class SatusehatClient:
     def search(self, resource_type: str, params: SearchParams) -> JsonObject:
         """GET `{type}?params`; returns the searchset Bundle as sent (it has no `entry` when nothing matched)."""
         _check_resource_type(resource_type)
-        return self._fhir_json("GET", resource_type, params=params)
+        bundle = self._fhir_json("GET", resource_type, params=params)
+        entries = bundle.get("entry")
+        if bundle.get("resourceType") != "Bundle" or not isinstance(entries, list | None):
+            # A 200 that is not a searchset (an OperationOutcome, an API gateway's JSON fault) must not read as
+            # "nothing matched": create-or-adopt would then post a second copy of what the platform holds.
+            kind = bundle.get("resourceType") or "JSON object without a resourceType"
+            what = f"{'an' if kind[0] in 'AEIOU' else 'a'} {kind}"
+            if kind == "Bundle":
+                what = "a Bundle whose entry is not a list"
+            raise UpstreamUnavailable(
+                f"SATUSEHAT answered the search GET {resource_type} with {what}, not a searchset Bundle: "
+                f"{self._redact(_describe_outcome(bundle) or _describe_json_error(bundle))}",
+                service="satusehat",
+                status_code=200,
+            )
+        return bundle
 
     def find_by_identifier(
         self, resource_type: str, system: str, value: str, *, count: int | None = None
@@ -326,34 +352,64 @@ class SatusehatClient:
         may well have been stored, and SATUSEHAT does not always reject the second copy as a duplicate. If the
         POST meets `DuplicateResource`, the identifier is searched again and the match adopted; when even that
         search finds nothing, the duplicate error is raised.
+
+        Which match is adopted (`_adopt`): resources marked `entered-in-error` never are (that is how a hospital
+        voids a duplicate); of the others, the one updated last (`meta.lastUpdated`, the server's order when
+        dates are missing), with a WARNING naming every id when there are several. A match whose subject is
+        another patient is never adopted and nothing is posted: FhirRejected (HTTP 409), since the identifier is
+        taken and the router would file images under the patient of whatever ServiceRequest carries the ACSN.
         """
         resource_type = _resource_type_of(resource)
         system, value = _pick_identifier(resource, identifier_system)
         if search_first:
-            adopted = self._adopt(resource_type, system, value)
+            adopted = self._adopt(resource, resource_type, system, value)
             if adopted is not None:
                 return adopted
         try:
             created = self.create(resource)
         except DuplicateResource:
-            adopted = self._adopt(resource_type, system, value)
+            adopted = self._adopt(resource, resource_type, system, value)
             if adopted is None:
                 raise
             return adopted
         return CreateResult(resource_type=resource_type, id=str(created["id"]), adopted=False, resource=created)
 
-    def _adopt(self, resource_type: str, system: str, value: str) -> CreateResult | None:
-        matches = [found for found in self.find_by_identifier(resource_type, system, value) if found.get("id")]
+    def _adopt(self, resource: JsonObject, resource_type: str, system: str, value: str) -> CreateResult | None:
+        """The match to adopt by the rule in `create_or_adopt`'s docstring; None when there is none."""
+        found = [item for item in self.find_by_identifier(resource_type, system, value) if _has_id(item)]
+        matches = [item for item in found if item.get("status") != "entered-in-error"]
+        if len(found) > len(matches):
+            voided = ", ".join(str(item["id"]) for item in found if item not in matches)
+            logger.info("not adopting %s %s: entered-in-error (%s|%s)", resource_type, voided, system, value)
+        subject = _subject_reference(resource)
+        others = [item for item in matches if _subject_reference(item) not in (None, subject)] if subject else []
+        if others:
+            ids = ", ".join(f"{resource_type}/{item['id']}" for item in others)
+            raise FhirRejected(
+                f"SATUSEHAT already holds {ids} with identifier {system}|{value} for another patient: the "
+                "identifier is taken, so nothing was created or adopted; correct the identifier in the HIS, or mark "
+                "the other resource entered-in-error",
+                status_code=409,
+                issues=(
+                    OutcomeIssue(
+                        severity="error",
+                        code="duplicate",
+                        text=f"identifier {value} belongs to another patient's {resource_type}",
+                        expression=(f"{resource_type}.identifier", f"{resource_type}.subject"),
+                    ),
+                ),
+            )
         if not matches:
             return None
         newest = _newest(matches)
         if len(matches) > 1:
             logger.warning(
-                "%d %s resources carry identifier %s|%s; adopting the newest, %s",
+                "%d %s resources carry identifier %s|%s (%s); adopting the one updated last, %s",
                 len(matches),
                 resource_type,
                 system,
                 value,
+                ", ".join(str(item["id"]) for item in matches),
                 newest["id"],
             )
         logger.debug("adopting existing %s/%s for identifier %s|%s", resource_type, newest["id"], system, value)
@@ -399,6 +455,16 @@ class SatusehatClient:
         """One HTTP exchange: rate cap, DEBUG request line, transport errors mapped to the gateway's tree."""
         if self._limiter is not None:
             self._limiter.acquire()
+        window = self._window
+        if window is None:
+            return self._exchange(request, operation)
+        window.acquire()
+        try:
+            return self._exchange(request, operation)
+        finally:
+            window.release()
+
+    def _exchange(self, request: httpx.Request, operation: str) -> httpx.Response:
         target = unquote(request.url.raw_path.decode("ascii", "replace"))
         started = time.perf_counter()
         error: GatewayError
@@ -477,7 +543,7 @@ class SatusehatClient:
         elif isinstance(data, dict):
             detail = _describe_json_error(data)
         else:
-            detail = " ".join(response.text.split())[:_MAX_DETAIL_CHARS] or "empty body"
+            detail = _describe_text(response)
         issues = tuple(
             OutcomeIssue(
                 severity=issue.severity,
@@ -629,6 +695,32 @@ def _describe_issue(issue: OutcomeIssue) -> str:
     return f"{prefix}: {text}" if prefix else text
 
 
+def _describe_outcome(data: Mapping[str, Any]) -> str:
+    """The issues of an OperationOutcome in one line ("" when `data` is none or has no issue)."""
+    return "; ".join(_describe_issue(issue) for issue in parse_operation_outcome(data)[:_MAX_ISSUES_IN_MESSAGE])
+
+
+_HTML = re.compile(r"^\s*(<!doctype\s+html|<html|<head|<body|<\?xml|<[a-z][a-z0-9]*[\s>])", re.IGNORECASE)
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_SKIPPED = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]*>")
+_MAX_PAGE_CHARS = 200_000
+"""An error page is read this far (a title or the first visible words are near its start)."""
+
+
+def _describe_text(response: httpx.Response) -> str:
+    """A line from an error body that is not JSON: an HTML error page (a proxy's 502, a firewall's 403) by its
+    title or its visible text, plain text as it is, whitespace folded; "empty body" when there is nothing."""
+    text = response.text[:_MAX_PAGE_CHARS]
+    if _HTML.match(text):
+        title = _HTML_TITLE.search(text)
+        visible = _HTML_TAG.sub(" ", _HTML_SKIPPED.sub(" ", text))
+        shown = title.group(1) if title and title.group(1).strip() else visible
+        folded = " ".join(html.unescape(shown).split())
+        return f"HTML page: {folded[:_MAX_DETAIL_CHARS]}" if folded else "an HTML page without text"
+    return " ".join(text.split())[:_MAX_DETAIL_CHARS] or "empty body"
+
+
 def _describe_json_error(data: Mapping[str, Any]) -> str:
     """A line from JSON error bodies that are not OperationOutcomes (Apigee faults, OAuth errors)."""
     fault = data.get("fault")
@@ -684,6 +776,19 @@ def _pick_identifier(resource: Mapping[str, Any], system: str | None) -> tuple[s
             f"create_or_adopt needs an identifier{wanted} (system and value) on the {resource.get('resourceType')}"
         )
     return candidates[0]["system"], candidates[0]["value"]
+
+
+def _has_id(resource: Mapping[str, Any]) -> bool:
+    return isinstance(resource.get("id"), str) and bool(resource["id"])
+
+
+def _subject_reference(resource: Mapping[str, Any]) -> str | None:
+    """`subject.reference` as `Type/id` (an absolute URL cut to its last two segments); None when absent."""
+    subject = resource.get("subject")
+    reference = subject.get("reference") if isinstance(subject, dict) else None
+    if not isinstance(reference, str) or not reference.strip():
+        return None
+    return "/".join(reference.strip().rstrip("/").split("/")[-2:])
 
 
 def _escape_search(value: str) -> str:

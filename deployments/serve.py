@@ -6,12 +6,17 @@ UI, the HIS API or the schedule creates in a subprocess of its own, at most `lim
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, MutableMapping, Sequence
 
 from deployments.catalog import GatewayDeployment, available_deployments
 
 DEFAULT_LIMIT = 4
 """Flow runs at once on one gateway host: each is a Python process; the DICOM Router takes 4 associations."""
+
+
+RESULT_STORAGE_BLOCK = "satset-gateway-results"
+"""The LocalFileSystem block `pin_result_storage` saves when nothing names a result storage."""
 
 
 class ServeError(Exception):
@@ -30,6 +35,39 @@ def prefect_api_url() -> str:
             "without it runs, schedules and history would live in a temporary server that dies with this process."
         )
     return str(url)
+
+
+def pin_result_storage(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Name the default result storage in PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK for the flow runs this process starts.
+
+    Without it, every flow run asks the server for its default result storage twice, each time through a new
+    synchronous client (an SSL context built, the run's event loop blocked for the request): two thirds of
+    Prefect's own time in a batch4 run, and in a poll that runs orders as subflows it stalls every order at once
+    (bench/RESULTS.md, item 5). Named, Prefect resolves it once per process. What is named is what Prefect would
+    have used: the operator's block if PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK is set (kept), else the server's
+    default result storage block, else a LocalFileSystem block (saved as RESULT_STORAGE_BLOCK) at Prefect's local
+    result path. Returns the slug, or None when the server's default block has no name to give (left as it is).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.filesystems import LocalFileSystem
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    named = environ.get("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK") or settings.results.default_storage_block
+    if named:
+        return named
+    with get_client(sync_client=True) as client:
+        server_default = client.read_server_default_result_storage().default_result_storage_block_id
+        document = None if server_default is None else client.read_block_document(server_default)
+    if document is not None:
+        if not document.name or document.is_anonymous or document.block_type is None:
+            return None
+        slug = f"{document.block_type.slug}/{document.name}"
+    else:
+        LocalFileSystem(basepath=str(settings.results.local_storage_path)).save(RESULT_STORAGE_BLOCK, overwrite=True)
+        slug = f"local-file-system/{RESULT_STORAGE_BLOCK}"
+    environ["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = slug
+    return slug
 
 
 def prefect_ui_url() -> str | None:
@@ -87,6 +125,7 @@ def serve_gateway(
     if poll_interval_s is not None and poll_interval_s < 1:
         raise ServeError(f"--poll-interval must be at least 1 second, not {poll_interval_s}")
     prefect_api_url()
+    pin_result_storage()  # the flow runs are subprocesses of this one: they inherit the environment
     served, skipped = available_deployments()
     runner_deployments = [d.to_runner_deployment(interval_s=poll_interval_s) for d in served]
     for line in describe(served, skipped, limit, poll_interval_s):

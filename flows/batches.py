@@ -7,8 +7,16 @@
 
 Orchestration only: every step is a task (tasks/), every id goes into the result and the run's artifact. A run
 that fails names its step and what it had created; running it again with the same input adopts what exists.
+
+The bodies (`run_batch1`..`run_batch4`) take their steps as a `Steps`: the flows pass the Prefect tasks (a task
+run per step, results cached on identifiers); the poller's light mode (POLL_ORDER_RUNS=task, flows/poll.py) runs
+a body inside one task run per order and passes `light_steps()`, the same functions without a task run each, which
+is what lets a worker drain a backlog without the Prefect server becoming the bottleneck. Both are safe to run
+again: every create is create-or-adopt on the platform, and the routing stays a cached task in both.
 """
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
@@ -27,98 +35,174 @@ from tasks.fhir import (
     wait_for_imaging_study,
 )
 
+
+@dataclass(frozen=True)
+class Steps:
+    """The calls a batch body makes, and whether it publishes its summary artifact."""
+
+    post_encounter: Callable[..., Awaitable[str]]
+    post_service_request: Callable[..., Awaitable[str]]
+    post_observation: Callable[..., Awaitable[str]]
+    post_diagnostic_report: Callable[..., Awaitable[str]]
+    wait_for_imaging_study: Callable[..., Awaitable[dict[str, Any]]]
+    locate_study: Callable[..., Awaitable[dict[str, Any]]]
+    route_study: Callable[..., Awaitable[dict[str, Any]]]
+    route_study_again: Callable[..., Awaitable[dict[str, Any]]]
+    publish: bool = True
+
+
+def task_steps() -> Steps:
+    """A task run per step (the flows): each step retried on its own, FHIR ids and the routing cached.
+
+    Built at each call from this module's names, so a test that swaps a task here swaps it in the flows too."""
+    return Steps(
+        post_encounter=post_encounter,
+        post_service_request=post_service_request,
+        post_observation=post_observation,
+        post_diagnostic_report=post_diagnostic_report,
+        wait_for_imaging_study=wait_for_imaging_study,
+        locate_study=locate_study,
+        route_study=route_study,
+        route_study_again=route_study.with_options(refresh_cache=True),
+    )
+
+
+def light_steps() -> Steps:
+    """Inside one task run per order (the poller's light mode): the FHIR steps and the study lookup are plain
+    calls, retried with the order (create-or-adopt makes that safe); the routing stays a cached task run, so a
+    retried order never sends its study twice. No artifact: the ids go to the RIS table, counts to the poll's."""
+    return Steps(
+        post_encounter=post_encounter.fn,
+        post_service_request=post_service_request.fn,
+        post_observation=post_observation.fn,
+        post_diagnostic_report=post_diagnostic_report.fn,
+        wait_for_imaging_study=wait_for_imaging_study.fn,
+        locate_study=locate_study.fn,
+        route_study=route_study,
+        route_study_again=route_study.with_options(refresh_cache=True),
+        publish=False,
+    )
+
+
 FLOW_OPTIONS: dict[str, Any] = {"persist_result": True, "result_serializer": "json", "validate_parameters": True}
 
 
 @flow(name="batch1", flow_run_name="batch1 {payload.noacsn}", **FLOW_OPTIONS)
 async def batch1(payload: Batch1Input) -> dict[str, Any]:
     """Register the visit and the radiology order: Encounter, then the ServiceRequest carrying the ACSN."""
+    return await run_batch1(payload)
+
+
+async def run_batch1(payload: Batch1Input, steps: Steps | None = None) -> dict[str, Any]:
+    steps = steps or task_steps()
     run = StepRecorder("batch1")
-    await _order(run, payload)
-    await publish_summary("batch1", payload.noacsn, run.created, run.durations_s)
+    await _order(run, payload, steps)
+    if steps.publish:
+        await publish_summary("batch1", payload.noacsn, run.created, run.durations_s)
     return dict(run.created)
 
 
 @flow(name="batch2", flow_run_name="batch2 {payload.identifier_value}", **FLOW_OPTIONS)
 async def batch2(payload: Batch2Input) -> dict[str, Any]:
     """File the reading and the report for an order whose ImagingStudy exists: Observation, DiagnosticReport."""
+    return await run_batch2(payload)
+
+
+async def run_batch2(payload: Batch2Input, steps: Steps | None = None) -> dict[str, Any]:
+    steps = steps or task_steps()
     run = StepRecorder("batch2")
     links = {
         "encounter_id": payload.encounter_id,
         "service_request_id": payload.service_request_id,
         "imaging_study_id": payload.imaging_study_id,
     }
-    await _report(run, payload, links)
-    await publish_summary("batch2", payload.noacsn, run.created, run.durations_s)
+    await _report(run, payload, links, steps)
+    if steps.publish:
+        await publish_summary("batch2", payload.noacsn, run.created, run.durations_s)
     return dict(run.created)
 
 
 @flow(name="batch3", flow_run_name="batch3 {payload.noacsn}", **FLOW_OPTIONS)
 async def batch3(payload: Batch3Input) -> dict[str, Any]:
     """The whole exam when the modality sent the images to the router itself: the study is looked up by ACSN."""
+    return await run_batch3(payload)
+
+
+async def run_batch3(payload: Batch3Input, steps: Steps | None = None) -> dict[str, Any]:
+    steps = steps or task_steps()
     run = StepRecorder("batch3")
-    links = await _order(run, payload)
+    links = await _order(run, payload, steps)
     deadline = runtime.settings().imaging_study_deadline_s
-    study = await run.step("imaging_study", wait_for_imaging_study(payload.noacsn, 1, deadline))
+    study = await run.step("imaging_study", steps.wait_for_imaging_study(payload.noacsn, 1, deadline))
     links["imaging_study_id"] = run.created["imaging_study_id"] = study["id"]
-    await _report(run, payload, links)
-    await publish_summary("batch3", payload.noacsn, run.created, run.durations_s)
+    await _report(run, payload, links, steps)
+    if steps.publish:
+        await publish_summary("batch3", payload.noacsn, run.created, run.durations_s)
     return dict(run.created)
 
 
 @flow(name="batch4", flow_run_name="batch4 {payload.noacsn}", **FLOW_OPTIONS)
 async def batch4(payload: Batch4Input) -> dict[str, Any]:
     """The whole exam with the images from the PACS: order, route the study, wait for its ImagingStudy, report."""
+    return await run_batch4(payload)
+
+
+async def run_batch4(payload: Batch4Input, steps: Steps | None = None) -> dict[str, Any]:
+    steps = steps or task_steps()
     run = StepRecorder("batch4")
     acsn = payload.dicom_accession
     patient_id = payload.patientid or payload.subject_id
     # Before anything is created: a study missing from the PACS stops the run with nothing half-sent.
-    await run.step("dicom_process", locate_study(study_instance_uid=payload.study))
-    links = await _order(run, payload)
-    routed = await run.step("dicom_process", route_study(payload.study, acsn, patient_id))
+    await run.step("dicom_process", steps.locate_study(study_instance_uid=payload.study))
+    links = await _order(run, payload, steps)
+    routed = await run.step("dicom_process", steps.route_study(payload.study, acsn, patient_id))
     run.created["dicom_process"] = {
         "status": routed["status"],
         "study_uid": routed["study_uid"],
         "router": routed["router"],
     }
     study = await run.step(
-        "imaging_study", _imaging_study_with_one_resend(payload.study, acsn, patient_id, routed["sent_instance"])
+        "imaging_study",
+        _imaging_study_with_one_resend(steps, payload.study, acsn, patient_id, routed["sent_instance"]),
     )
     links["imaging_study_id"] = run.created["imaging_study_id"] = study["id"]
-    await _report(run, payload, links)
+    await _report(run, payload, links, steps)
     summary = {
         **run.created,
         "instances_sent": routed["sent_instance"],
         "instances_in_imaging_study": study["instances"],
     }
-    await publish_summary("batch4", acsn, summary, run.durations_s)
+    if steps.publish:
+        await publish_summary("batch4", acsn, summary, run.durations_s)
     return dict(run.created)
 
 
-async def _order(run: StepRecorder, payload: Batch1Input) -> dict[str, str]:
-    encounter_id = await run.step("encounter", post_encounter(payload), result_key="encounter_id")
+async def _order(run: StepRecorder, payload: Batch1Input, steps: Steps) -> dict[str, str]:
+    encounter_id = await run.step("encounter", steps.post_encounter(payload), result_key="encounter_id")
     service_request_id = await run.step(
-        "service_request", post_service_request(payload, encounter_id), result_key="service_request_id"
+        "service_request", steps.post_service_request(payload, encounter_id), result_key="service_request_id"
     )
     return {"encounter_id": encounter_id, "service_request_id": service_request_id}
 
 
-async def _report(run: StepRecorder, payload: Batch2Input | Batch3Input, links: dict[str, str]) -> None:
-    observation_id = await run.step("observation", post_observation(payload, **links), result_key="observation_id")
+async def _report(run: StepRecorder, payload: Batch2Input | Batch3Input, links: dict[str, str], steps: Steps) -> None:
+    observation_id = await run.step(
+        "observation", steps.post_observation(payload, **links), result_key="observation_id"
+    )
     await run.step(
         "diagnostic_report",
-        post_diagnostic_report(payload, **links, observation_id=observation_id),
+        steps.post_diagnostic_report(payload, **links, observation_id=observation_id),
         result_key="diagnostic_report_id",
     )
 
 
 async def _imaging_study_with_one_resend(
-    study_uid: str, acsn: str, patient_id: str | None, expected: int
+    steps: Steps, study_uid: str, acsn: str, patient_id: str | None, expected: int
 ) -> dict[str, Any]:
     """Wait for the router's ImagingStudy; if it never comes (the router drops failed studies), send once more."""
     deadline = runtime.settings().imaging_study_deadline_s
     try:
-        return await wait_for_imaging_study(acsn, expected, deadline)
+        return await steps.wait_for_imaging_study(acsn, expected, deadline)
     except ImagingStudyNotReady:
-        await route_study.with_options(refresh_cache=True)(study_uid, acsn, patient_id)
-        return await wait_for_imaging_study(acsn, expected, deadline)
+        await steps.route_study_again(study_uid, acsn, patient_id)
+        return await steps.wait_for_imaging_study(acsn, expected, deadline)

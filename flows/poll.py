@@ -4,7 +4,10 @@
 
 Run on a schedule (one deployment, or several pollers on several hosts: claims are atomic, see clients/ris.py).
 Each order is its own subflow run, named by its ACSN, so the UI shows every exam; the poll run's artifact holds
-counts only. One order's failure never stops the others. What is recorded:
+counts only. With POLL_ORDER_RUNS=task an order is one task run of the poll run instead (same name, the steps as
+plain calls inside it, retried with the order): a few times less work for the Prefect server per order, for
+draining backlogs (see models/settings.py and bench/RESULTS.md, item 4). One order's failure never stops the
+others. What is recorded:
 
 * success: the ids the batch created or adopted, status done;
 * BatchFailed: its message (the step, the cause, the ids so far; never a patient name), retried later with
@@ -24,15 +27,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
 from pydantic import Field, ValidationError
 
-from clients.errors import Rejected
-from flows.batches import batch1, batch2, batch3, batch4
+from clients.errors import Rejected, Retryable
+from flows.batches import batch1, batch2, batch3, batch4, light_steps, run_batch1, run_batch2, run_batch3, run_batch4
 from flows.steps import BatchFailed
 from models.orders import DEAD, DONE, FAILED, RadiologyOrder, describe_invalid, order_input
 from models.settings import RisSettings, load_settings
 from tasks.artifacts import publish_summary
+from tasks.retry import FHIR_RETRIES, FHIR_RETRY_DELAYS_S, JITTER
 from tasks.ris import claim_orders, complete_order, fail_order, renew_lease
 
 LOST: Final = "lost"
@@ -46,7 +53,34 @@ BATCH_FLOWS: Final[dict[int, Callable[[Any], Awaitable[dict[str, Any]]]]] = {
     4: batch4,
 }
 
+BATCH_BODIES: Final[dict[int, Callable[..., Awaitable[dict[str, Any]]]]] = {
+    1: run_batch1,
+    2: run_batch2,
+    3: run_batch3,
+    4: run_batch4,
+}
+
 MIN_RENEW_INTERVAL_S = 0.2
+
+
+def retry_when_step_retryable(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry predicate of a light-mode order: its step failed on something a later attempt may survive."""
+    return isinstance(state.data, BatchFailed) and isinstance(state.data.cause, Retryable)
+
+
+@task(
+    name="run-order",
+    task_run_name="batch{batch} {accession_number}",
+    retries=FHIR_RETRIES,
+    retry_delay_seconds=FHIR_RETRY_DELAYS_S,
+    retry_jitter_factor=JITTER,
+    retry_condition_fn=retry_when_step_retryable,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+async def run_order(batch: int, accession_number: str, payload: Any) -> dict[str, Any]:
+    """One order in light mode: the batch's steps inside this one task run (the payload is never persisted)."""
+    return await BATCH_BODIES[batch](payload, light_steps())
 
 
 def worker_id() -> str:
@@ -73,7 +107,8 @@ async def poll_ris(
 
     limit = asyncio.Semaphore(concurrency or settings.poll_concurrency)
     renew_every_s = max(settings.order_lease_s / 3, MIN_RENEW_INTERVAL_S)
-    outcomes = await asyncio.gather(*(_run_order(order, worker, limit, renew_every_s) for order in orders))
+    light = settings.poll_order_runs == "task"
+    outcomes = await asyncio.gather(*(_run_order(order, worker, limit, renew_every_s, light) for order in orders))
 
     summary = {"claimed": len(orders), **{status: outcomes.count(status) for status in (DONE, FAILED, DEAD, LOST)}}
     durations = {"claim": round(claimed_s, 3), "orders": round(time.monotonic() - started - claimed_s, 3)}
@@ -82,27 +117,31 @@ async def poll_ris(
     return summary
 
 
-async def _run_order(order: RadiologyOrder, worker: str, limit: asyncio.Semaphore, renew_every_s: float) -> str:
+async def _run_order(
+    order: RadiologyOrder, worker: str, limit: asyncio.Semaphore, renew_every_s: float, light: bool = False
+) -> str:
     """One order from claim to recorded outcome; never raises (the other orders go on)."""
     assert order.id is not None  # claimed orders come from the table
     async with limit:
         finished = asyncio.Event()
         renewing = asyncio.create_task(_keep_lease(order, worker, renew_every_s, finished))
         try:
-            outcome, detail = await _run_batch(order)
+            outcome, detail = await _run_batch(order, light)
         finally:
             finished.set()  # not cancel(): a renewal in flight completes, and no task run is left 'Crashed'
             await renewing
         return await _record(order, worker, outcome, detail)
 
 
-async def _run_batch(order: RadiologyOrder) -> tuple[str, Any]:
-    """(done, ids) or (failed/dead, why): the batch flow's outcome, before anything is written back."""
+async def _run_batch(order: RadiologyOrder, light: bool = False) -> tuple[str, Any]:
+    """(done, ids) or (failed/dead, why): the batch's outcome, before anything is written back."""
     try:
         payload = order_input(order)
     except ValidationError as error:
         return DEAD, describe_invalid(error, f"stored batch{order.batch} payload")
     try:
+        if light:
+            return DONE, await run_order(order.batch, order.accession_number, payload)
         return DONE, await BATCH_FLOWS[order.batch](payload)
     except BatchFailed as error:
         return (DEAD if isinstance(error.cause, Rejected) else FAILED), str(error)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +99,11 @@ class RisSettings(BaseSettings):
     )
     poll_batch_size: int = Field(default=20, ge=1, le=1000, alias="POLL_BATCH_SIZE")
     poll_concurrency: int = Field(default=4, ge=1, le=64, alias="POLL_CONCURRENCY")
+    poll_order_runs: Literal["flow", "task"] = Field(default="flow", alias="POLL_ORDER_RUNS")
+    """How poll-ris runs each order: `flow`, a batch subflow run per order with a task run per step (every exam a
+    flow run in the UI, with its artifact); `task`, one task run per order named like the subflow would be, the
+    steps as plain calls inside it, retried with the order. `task` costs the Prefect server a few times less per
+    order: the setting for draining backlogs (bench/RESULTS.md, item 4)."""
     order_max_attempts: int = Field(default=5, ge=1, alias="ORDER_MAX_ATTEMPTS")
     order_lease_s: float = Field(default=900.0, gt=0, alias="ORDER_LEASE_S")
     """A claimed order whose worker died becomes claimable again after this long."""
@@ -118,6 +123,16 @@ class ApiSettings(BaseSettings):
     api_basic_password: SecretStr | None = Field(default=None, alias="API_BASIC_PASSWORD")
     api_auth_disabled: bool = Field(default=False, alias="API_AUTH_DISABLED")
     """Authentication is on unless this is set explicitly (never in production)."""
+
+
+class LogSettings(BaseSettings):
+    """LOG_FILE alone: read by every `satset` command, including those that need no other gateway setting."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    log_file: Path | None = Field(default=None, alias="LOG_FILE")
 
 
 class SettingsError(Exception):

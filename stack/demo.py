@@ -142,6 +142,7 @@ class Demo:
             f"HIS API docs:           {self.api_url}/api/docs   (header X-API-Key: {self.api_key})",
             f"SATUSEHAT simulator:    {self.simulator.fhir_url}   (state: {self.simulator.base_url}/admin/state)",
             f"RIS orders:             RIS_DATABASE_URL={self.env['RIS_DATABASE_URL']} .venv/bin/satset orders list",
+            f"Gateway log (LOG_FILE): {self.env['LOG_FILE']}",
         ]
         return "\n".join(lines)
 
@@ -175,6 +176,7 @@ class Demo:
             "SS_CLIENT_SECRET": config.client_secret,
             "RIS_DATABASE_URL": f"sqlite:///{self.state_dir / 'ris.db'}",
             "TEMP_DIR": str(self.state_dir / "tmp"),
+            "LOG_FILE": str(self.state_dir / "gateway.log"),
             "API_HOST": LOOPBACK,
             "API_PORT": str(api_port),
             "API_KEY": self.api_key,

@@ -12,6 +12,8 @@ Each task is a thin wrapper: a pure builder (models/fhir.py) makes the resource,
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
 import time
 from collections.abc import Callable
@@ -42,10 +44,17 @@ IMAGING_STUDY_POLL_FIRST_S = 0.25
 IMAGING_STUDY_POLL_MAX_S = 10.0
 
 
+async def in_thread(operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`asyncio.to_thread` on the process's I/O pool (runtime.io_pool), with the caller's context."""
+    context = contextvars.copy_context()
+    call_ = functools.partial(context.run, operation, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(runtime.io_pool(), call_)
+
+
 async def call(operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking client call in a worker thread; on a Retryable error, wait its Retry-After first."""
+    """Run a blocking client call in an I/O thread; on a Retryable error, wait its Retry-After first."""
     try:
-        return await asyncio.to_thread(operation, *args, **kwargs)
+        return await in_thread(operation, *args, **kwargs)
     except Retryable as error:
         await honour_retry_after(error)
         raise
@@ -176,7 +185,7 @@ async def wait_for_imaging_study(accession_number: str, expected_instances: int,
     last_problem = "no ImagingStudy yet"
     while True:
         try:
-            found = await asyncio.to_thread(client.find_by_identifier, "ImagingStudy", system, accession_number)
+            found = await in_thread(client.find_by_identifier, "ImagingStudy", system, accession_number)
         except Retryable as error:
             found, last_problem = [], f"the platform did not answer the search ({error.message})"
         except FhirRejected:

@@ -26,6 +26,8 @@ def test_demo_once_ends_with_the_order_done(tmp_path: Path) -> None:
     out = completed.stdout
     assert ": done" in out and "diagnostic_report_id" in out
     assert "/runs/flow-run/" in out and "/api/docs" in out
+    log = (tmp_path / "demo" / "gateway.log").read_text(encoding="utf-8")  # LOG_FILE, as the demo sets it
+    assert "prefect.flow_runs" in log and "Completed" in log, log[-2000:]
     for line in out.splitlines():  # every link the demo prints is on the loopback address
         if "http://" in line:
             assert "http://127.0.0.1:" in line, line

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +28,7 @@ from clients.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from clients.ratelimit import RateLimiter
+from clients.ratelimit import RateLimiter, RequestWindow
 from clients.satusehat import (
     CreateResult,
     SatusehatClient,
@@ -917,3 +919,94 @@ def test_parse_operation_outcome_tolerates_odd_shapes() -> None:
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     assert parse_retry_after(value, now=0.0) == expected
+
+
+# ------------------------------------------------------------------------------------------- request window
+
+
+def test_request_window_holds_a_place_from_sending_until_a_window_after_the_answer() -> None:
+    clock = FakeClock(0.0)
+    window = RequestWindow(2, 1.0, clock=clock)
+
+    assert window.try_acquire() == 0.0
+    assert window.try_acquire() == 0.0
+    assert window.try_acquire() == math.inf  # both in flight: only an answer can free a place
+    clock.now = 0.3
+    window.release()
+    assert window.try_acquire() == pytest.approx(1.0)  # the answer at 0.3 holds its place until 1.3
+    clock.now = 1.3
+    assert window.try_acquire() == 0.0
+    assert window.held == 2
+
+
+def test_request_window_caps_arrivals_in_any_window_whatever_the_delays() -> None:
+    """Requests arriving at the upstream at any moment between sending and answer: never more than the limit in a
+    window, however the transit delays bunch them (the property the token bucket alone lacks)."""
+    import random
+
+    rng = random.Random(7)
+    clock = FakeClock(0.0)
+    window = RequestWindow(5, 1.0, clock=clock)
+    in_flight: list[tuple[float, float]] = []  # (answer time, arrival time)
+    arrivals: list[float] = []
+    for _ in range(400):
+        clock.now += rng.uniform(0.0, 0.05)
+        for answered, _arrival in sorted(in_flight):
+            if answered <= clock.now:
+                in_flight.remove((answered, _arrival))
+                saved, clock.now = clock.now, answered
+                window.release()
+                clock.now = saved
+        if window.try_acquire() == 0.0:
+            latency = rng.uniform(0.01, 0.4)
+            arrival = clock.now + rng.uniform(0.0, latency)
+            arrivals.append(arrival)
+            in_flight.append((clock.now + latency, arrival))
+    arrivals.sort()
+    busiest = max(sum(1 for a in arrivals if start <= a < start + 1.0) for start in arrivals)
+    assert len(arrivals) > 30
+    assert busiest <= 5
+
+
+def test_request_window_blocks_concurrent_callers_until_places_free() -> None:
+    window = RequestWindow(3, 0.05)
+    sent: list[float] = []
+    lock = threading.Lock()
+
+    def request(_: int) -> None:
+        window.acquire()
+        try:
+            with lock:
+                sent.append(time.monotonic())
+        finally:
+            window.release()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(request, range(9)))
+
+    assert len(sent) == 9
+    assert window.held <= 3
+
+
+def test_request_window_per_second_and_nonsense() -> None:
+    assert (RequestWindow.per_second(80).limit, RequestWindow.per_second(80).window_s) == (80, 1.0)
+    assert (RequestWindow.per_second(0.5).limit, RequestWindow.per_second(0.5).window_s) == (1, 2.0)
+    assert RequestWindow.per_second(2.5).window_s == pytest.approx(0.8)
+    for bad in (lambda: RequestWindow(0), lambda: RequestWindow(1, 0), lambda: RequestWindow.per_second(0)):
+        with pytest.raises(ValueError):
+            bad()
+    with pytest.raises(RuntimeError):
+        RequestWindow(1).release()
+
+
+def test_max_requests_per_second_also_caps_requests_per_window(
+    make_client: Callable[..., SatusehatClient], fake: FakeSatusehat
+) -> None:
+    client = make_client(max_requests_per_second=50)
+    assert client.request_window is not None and client.request_window.limit == 50
+    assert make_client().request_window is None
+    fake.fhir = lambda request: json_response(200, {"resourceType": "Encounter", "id": "e1"})
+
+    client.read("Encounter", "e1")
+
+    assert client.request_window.held == 2  # the token and the read, answered within the last second

@@ -251,3 +251,89 @@ async def test_a_batch_longer_than_the_lease_keeps_its_claim(
             )
         )
     assert len(renewals) >= 3  # renewed every lease/3: the run outlasted the lease, so the test meant something
+
+
+# -- light mode (POLL_ORDER_RUNS=task): one task run per order, the steps inside it --------------------------------
+
+
+@pytest.fixture
+def light(monkeypatch: pytest.MonkeyPatch) -> None:
+    """poll-ris in light mode, and the order task's retries without their waiting (the policy stays the same)."""
+    import flows.poll
+
+    monkeypatch.setenv("POLL_ORDER_RUNS", "task")
+    monkeypatch.setattr(
+        flows.poll, "run_order", flows.poll.run_order.with_options(retry_delay_seconds=0, retry_jitter_factor=None)
+    )
+
+
+async def test_light_mode_runs_each_order_as_one_task_run_and_files_the_same_resources(
+    gateway: Gateway, upload_study: UploadStudy, ris: RisStore, light: None
+) -> None:
+    sent = [batch4_input(upload_study(series=1, instances_per_series=2)) for _ in range(2)]
+    for body in sent:
+        ris.add_order(4, body)
+
+    summary = await poll_ris(concurrency=2)
+
+    assert summary == {**NOTHING, "claimed": 2, "done": 2}
+    for body in sent:
+        order = ris.get(body["noacsn"])
+        assert (order.status, order.attempts) == (DONE, 1)
+        assert order.result is not None and set(order.result) >= set(RESOURCES)
+        assert order.result["dicom_process"]["status"] == "success"
+        assert_ids_exist(gateway, order.result)
+    assert gateway.counts() == dict.fromkeys(RESOURCES.values(), 2)
+    names = [f"batch4 {body['noacsn']}" for body in sent]
+    async with get_client() as client:
+        subflows = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+        order_runs = await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=names)))
+    assert subflows == []
+    assert sorted(run.name for run in order_runs) == sorted(names)
+
+
+async def test_light_mode_retries_a_retryable_step_within_the_order_and_creates_nothing_twice(
+    gateway: Gateway, upload_study: UploadStudy, ris: RisStore, light: None
+) -> None:
+    sent = batch4_input(upload_study(series=1, instances_per_series=1))
+    ris.add_order(4, sent)
+    gateway.arm(kind="500", count=2, path_prefix="/fhir-r4/v1/Observation", method="POST")
+
+    summary = await poll_ris()
+
+    assert summary == {**NOTHING, "claimed": 1, "done": 1}
+    order = ris.get(sent["noacsn"])
+    assert (order.status, order.attempts) == (DONE, 1)
+    assert order.result is not None
+    assert_ids_exist(gateway, order.result)
+    assert gateway.counts() == dict.fromkeys(RESOURCES.values(), 1)  # adopted on the retries, routed once
+
+
+async def test_light_mode_a_rejected_order_is_dead_without_retrying(
+    gateway: Gateway, ris: RisStore, light: None
+) -> None:
+    sent = missing_study_body()
+    ris.add_order(4, sent)
+
+    summary = await poll_ris()
+
+    assert summary == {**NOTHING, "claimed": 1, "dead": 1}
+    order = ris.get(sent["noacsn"])
+    assert order.last_error is not None and "batch4 stopped at dicom_process" in order.last_error
+    assert gateway.counts() == {}
+
+
+def test_the_light_mode_retry_predicate_retries_only_a_retryable_step() -> None:
+    from prefect.states import Failed
+
+    from clients.errors import StudyNotFound, UpstreamUnavailable
+    from flows.poll import retry_when_step_retryable
+    from flows.steps import BatchFailed
+
+    def decide(error: BaseException) -> bool:
+        return retry_when_step_retryable(cast(Any, None), cast(Any, None), Failed(data=error))
+
+    assert decide(BatchFailed("batch3", "encounter", {}, UpstreamUnavailable("down", service="satusehat")))
+    assert not decide(BatchFailed("batch4", "dicom_process", {}, StudyNotFound("no such study")))
+    assert not decide(UpstreamUnavailable("down", service="satusehat"))  # not a step's failure
+    assert not decide(ValueError("a bug"))
