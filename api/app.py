@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import routes, validation
 from api.auth import API_KEY_HEADER, AuthMiddleware, Guard
-from api.runs import runs_router
+from api.runs import FlowBackend, runs_router
+from models.inputs import GatewayInput
 from models.settings import ApiSettings, load_settings
 
 DOCS_URL = "/api/docs"
@@ -42,9 +43,11 @@ Each call runs as a Prefect flow run (its id in the `X-Flow-Run-Id` response hea
 """
 
 
-def create_app(settings: ApiSettings | None = None) -> FastAPI:
+def create_app(settings: ApiSettings | None = None, *, flows: FlowBackend | None = None) -> FastAPI:
     """The app for these settings (default: from the environment). Raises ApiConfigError (a SettingsError naming
-    the variables) when no credential is configured and API_AUTH_DISABLED is not set."""
+    the variables) when no credential is configured and API_AUTH_DISABLED is not set.
+
+    `flows` replaces the Prefect calls behind the endpoints (default: run, queue and read real flow runs)."""
     settings = settings if settings is not None else load_settings(ApiSettings)
     guard = Guard.from_settings(settings, OPEN_PATHS)
     if guard is None:
@@ -59,6 +62,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         openapi_url=OPENAPI_URL,
         swagger_ui_oauth2_redirect_url=f"{DOCS_URL}/oauth2-redirect",
     )
+    app.state.flow_backend = flows if flows is not None else FlowBackend()
     app.include_router(routes.satset)
     app.include_router(routes.dicom)
     app.include_router(runs_router)
@@ -79,9 +83,36 @@ async def _invalid_input(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
-    """FastAPI's own 404/405 in the gateway's {"error"} shape."""
+    """FastAPI's own 404/405 in the gateway's {"error"} shape.
+
+    FastAPI answers a JSON body it cannot even decode (bytes that are not UTF-8 text) with a bare 400 "There was
+    an error parsing the body", while a body that is text but not JSON gets a 422 `json_invalid`. Both are the
+    same mistake for a HIS, so both are the 422 naming the field `body` and the rule.
+    """
     assert isinstance(error, StarletteHTTPException)
+    if error.status_code == 400 and isinstance(error.__cause__, UnicodeError | ValueError):
+        problem = {"field": "body", "in": "body", "rule": "the body is not valid JSON (it must be UTF-8 text)"}
+        log.info("422 %s %s: body (not UTF-8)", request.method, request.url.path)
+        return JSONResponse({"error": "invalid input", "fields": [problem]}, status_code=422)
     return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+def _state_required_pairs(schemas: dict[str, Any]) -> None:
+    """Add each input model's "one of these two is required" rules to its schema as `allOf` of `anyOf` `required`,
+    so /api/docs and schema-driven clients know them (see GatewayInput.one_of_required)."""
+    for model in _subclasses(GatewayInput):
+        schema = schemas.get(model.__name__)
+        pairs = model.required_pairs()
+        if schema is None or not pairs:
+            continue
+        schema["allOf"] = [
+            {"anyOf": [{"required": [name], "properties": {name: {"type": "string"}}} for name in pair]}
+            for pair in pairs
+        ]
+
+
+def _subclasses(cls: type[GatewayInput]) -> list[type[GatewayInput]]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def _openapi(app: FastAPI, guard: Guard | None) -> dict[str, Any]:
@@ -89,6 +120,7 @@ def _openapi(app: FastAPI, guard: Guard | None) -> dict[str, Any]:
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _state_required_pairs(document.get("components", {}).get("schemas", {}))
     if guard is not None:
         schemes = {
             "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},

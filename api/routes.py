@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from api import schemas
-from api.runs import Accepted, Finished, RunMode, run_headers, run_inline, run_mode, submit
+from api.runs import Accepted, Finished, RunMode, flow_backend, run_headers, run_mode, submit
 from api.validation import InvalidInput
 from clients.errors import FhirRejected, GatewayError, ImagingStudyNotReady
 from flows.steps import BatchFailed
@@ -133,7 +133,7 @@ async def _call(request: Request, flow: str, payload: BaseModel, mode: RunMode, 
         # The validated model, serialised: defaults filled in, and without the patient's name (never stored).
         parameters = {"payload": payload.model_dump(mode="json", exclude_none=True)}
         return await submit(request, flow, parameters, mode, _order_key(payload))
-    finished = await run_inline(flow, payload=payload)
+    finished = await flow_backend(request).run(flow, payload=payload)
     response = shape(flow, finished)
     response.headers.update(run_headers(finished.flow_run_id))
     return response
@@ -252,10 +252,12 @@ async def post_batch4(payload: Batch4Input, request: Request, mode: Mode) -> Res
     response_model=schemas.ImageId,
     responses={404: {"model": schemas.Error, "description": "No ImagingStudy found (yet)"}, **_INVALID},
 )
-async def get_imageid(acsn: Annotated[Acsn, Path(description="The order's accession number (noacsn)")]) -> Response:
+async def get_imageid(
+    acsn: Annotated[Acsn, Path(description="The order's accession number (noacsn)")], request: Request
+) -> Response:
     """The id of the ImagingStudy the DICOM Router made for the ACSN (flow `imaging-lookup`). A lookup is a
     question, not an order: it always runs here and now."""
-    finished = await run_inline("imaging-lookup", acsn=acsn)
+    finished = await flow_backend(request).run("imaging-lookup", acsn=acsn)
     response = _lookup_answer("imaging-lookup", finished)
     response.headers.update(run_headers(finished.flow_run_id))
     return response

@@ -876,16 +876,21 @@ class RouterClient:
             raise
         if wire is not None:
             wire.close()  # pynetdicom reads the socket again: release, abort and a peer's A-ABORT as always
-        releasing = assoc.is_established and not lost
+        # The router builds the ImagingStudy from whatever a *released* association carried: with any instance not
+        # stored (refused here, refused by the router, or lost), abort, so it builds nothing from part of a study.
+        releasing = assoc.is_established and not lost and not failures
         if releasing:
             assoc.release()
         elif assoc.is_established:
-            assoc.abort()  # lost from our side: make sure the router does not see a release of a partial study
+            assoc.abort()
         problem = None
         if not assoc.is_released:
             if releasing:
                 reason = "the router did not confirm the release, so it may not build the ImagingStudy"
                 problem = AssociationProblem("release", reason)
+            elif failures and not lost:
+                reason = "the association was aborted, not released, so the router builds no ImagingStudy from part"
+                problem = AssociationProblem("aborted", f"{reason} of the study")
             else:
                 reason = f"the association was aborted after {sent} C-STORE requests, before a clean release"
                 problem = AssociationProblem("aborted", reason)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pydicom.uid import UID
 
-from clients.errors import StoreIncomplete, StudyNotFound
+from clients.errors import GatewayError, StoreIncomplete, StudyNotFound, UpstreamUnavailable
 from clients.pacs import InstanceRef, PacsClient
 from clients.router import (
     Instance,
@@ -30,7 +30,7 @@ from clients.router import (
     presentation_contexts,
     raise_for_outcome,
 )
-from models.dicom import EncodedInstance, edit_encoded_for_satusehat, edit_for_satusehat
+from models.dicom import EncodedInstance, NotDicom, edit_encoded_for_satusehat, edit_for_satusehat
 
 T = TypeVar("T")
 
@@ -99,9 +99,14 @@ def route_study(
         refs = pacs.list_instances(study_instance_uid)
         if not refs:
             raise StudyNotFound(f"the PACS lists no instance for study {study_instance_uid}", service="pacs")
-        datasets = (
-            edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id)
-            for ds in pacs.iter_instances(study_instance_uid)
+        datasets = _delivered_in_full(
+            (
+                edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id)
+                for ds in pacs.iter_instances(study_instance_uid)
+            ),
+            lambda: len(refs),
+            pacs,
+            study_instance_uid,
         )
         outcome = _send(router, datasets, read_ahead, study_instance_uid, lambda first: _contexts_for(refs, first))
         expected = len(refs)
@@ -166,16 +171,29 @@ def _route_encoded(
             proposed.extend((ref.sop_class_uid, first_syntax) for ref in series if ref.sop_class_uid)
             return proposed
 
+        def counted_or_listed() -> int:
+            return len(listing.result()) if listing is not None else sum(ref.instances or 0 for ref in series)
+
         try:
             outcome = _send(
-                router, _edited(files, accession_number, patient_id), read_ahead, study_uid, contexts, proposed, listing
+                router,
+                _delivered_in_full(
+                    _edited(files, accession_number, patient_id, study_uid), counted_or_listed, pacs, study_uid
+                ),
+                read_ahead,
+                study_uid,
+                contexts,
+                proposed,
+                listing,
             )
         except _ProposedTooLittle:
             listed = listing.result() if listing is not None else pacs.list_instances(study_uid)
             files = pacs.iter_instance_files(study_uid, listed=listed)
             outcome = _send(
                 router,
-                _edited(files, accession_number, patient_id),
+                _delivered_in_full(
+                    _edited(files, accession_number, patient_id, study_uid), lambda: len(listed), pacs, study_uid
+                ),
                 read_ahead,
                 study_uid,
                 lambda first: _contexts_for(listed, first),
@@ -189,10 +207,54 @@ def _route_encoded(
             listing.close()
 
 
-def _edited(files: Iterator[bytes], accession_number: str, patient_id: str | None) -> Iterator[EncodedInstance]:
-    return (
-        edit_encoded_for_satusehat(part10, accession_number=accession_number, patient_id=patient_id) for part10 in files
-    )
+def _delivered_in_full(
+    stream: Iterator[Instance], expected: Callable[[], int], pacs: PacsClient, study_uid: str
+) -> Iterator[Instance]:
+    """`stream`, raising StoreIncomplete at its end if the PACS delivered fewer instances than it listed.
+
+    Raised from inside the stream, so the router client aborts the association instead of releasing it: the router
+    builds an ImagingStudy from whatever a released association carried, and a study short of an instance (listed
+    by the PACS, never delivered: a lost file, storage offline) must not reach SATUSEHAT as if it were the study.
+    The message names the instances missing, from the PACS's instance listing, so an operator can look for them.
+    """
+    delivered: set[str] = set()
+    for item in stream:
+        delivered.add(_sop_instance_uid(item))
+        yield item
+    wanted = expected()
+    if len(delivered) < wanted:
+        raise StoreIncomplete(_shortfall(pacs, study_uid, wanted, delivered), service="pacs")
+
+
+def _shortfall(pacs: PacsClient, study_uid: str, wanted: int, delivered: set[str]) -> str:
+    message = f"the PACS listed {wanted} instances of study {study_uid} but delivered {len(delivered)}"
+    try:
+        missing = sorted(ref.sop_instance_uid for ref in pacs.list_instances(study_uid))
+    except GatewayError:
+        missing = []
+    missing = [uid for uid in missing if uid not in delivered]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        message += f" (not delivered: {', '.join(missing[:3])}{more})"
+    return message + "; the association was aborted, so the router built nothing from part of the study"
+
+
+def _sop_instance_uid(item: Instance) -> str:
+    return item.sop_instance_uid if isinstance(item, EncodedInstance) else str(item.SOPInstanceUID)
+
+
+def _edited(
+    files: Iterator[bytes], accession_number: str, patient_id: str | None, study_uid: str = "?"
+) -> Iterator[EncodedInstance]:
+    """The files, edited; one that is not DICOM stops the study (the router client aborts) naming its position."""
+    for number, part10 in enumerate(files, 1):
+        try:
+            yield edit_encoded_for_satusehat(part10, accession_number=accession_number, patient_id=patient_id)
+        except NotDicom as error:
+            raise UpstreamUnavailable(
+                f"the PACS sent instance {number} of study {study_uid} as something that is not DICOM: {error}",
+                service="pacs",
+            ) from None
 
 
 def _send(

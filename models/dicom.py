@@ -328,12 +328,12 @@ class _Walker:
 def _edit_encoding(part10: bytes, accession_number: str, patient_id: str | None) -> EncodedInstance:
     buf = memoryview(part10)
     start, ts = _after_file_meta(buf)
-    if ts.is_deflated:
-        raise _NotPlain("deflated data sets are edited after inflating")
     try:
-        implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        deflated, implicit, little = ts.is_deflated, ts.is_implicit_VR, ts.is_little_endian
     except ValueError as error:  # a transfer syntax pydicom does not know: it cannot say how to walk it
         raise _NotPlain(str(error)) from None
+    if deflated:
+        raise _NotPlain("deflated data sets are edited after inflating")
     walker = _Walker(buf, implicit, little)
 
     # Top-level walk up to InstanceNumber: where the edited elements are (or would go) and what the pre-flight reads.
@@ -439,13 +439,26 @@ def _merged(edits: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]
     return result
 
 
+class NotDicom(ValueError):
+    """What came as an instance is not a DICOM file the gateway can send: not Part-10, no transfer syntax, a
+    transfer syntax nobody knows, or bytes pydicom cannot read (an HTML error page, a truncated file)."""
+
+
 def _edit_by_reencoding(part10: bytes, accession_number: str, patient_id: str | None) -> EncodedInstance:
     """The general path: pydicom decodes the whole file, the edit is `edit_for_satusehat`, then encode again."""
-    ds = dcmread(BytesIO(part10), force=True)
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    opening = bytes(part10[128:132] if bytes(part10[128:132]) == b"DICM" else part10[:16])
+    try:
+        ds = dcmread(BytesIO(part10), force=True)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    except Exception as error:  # pydicom fails in many ways on bytes that are not DICOM
+        raise NotDicom(f"not a readable DICOM file ({type(error).__name__}: {error}; starts {opening!r})") from None
     if not syntax:
-        raise ValueError("the PACS sent an instance without a transfer syntax in its file meta")
+        raise NotDicom(f"not a DICOM Part-10 file: without a transfer syntax in a file meta (starts {opening!r})")
     ts = UID(str(syntax))
+    try:
+        ts.is_implicit_VR  # noqa: B018  (raises for a UID that is not a known transfer syntax)
+    except ValueError:
+        raise NotDicom(f"unknown transfer syntax {str(ts)!r} in the file meta: cannot read the data set") from None
     edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id)
     return EncodedInstance(ts, (encode_data_set(ds, ts),), ds)
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     AfterValidator,
@@ -37,12 +38,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
 from models.settings import AeTitle
 from models.timeutil import SatusehatDateTime, context_now, to_fhir_datetime
@@ -199,6 +202,44 @@ def check_dicom_lo(value: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class Documented:
+    """A rule stated in the API's OpenAPI document as a JSON Schema `pattern`, for the HIS developer reading
+    /api/docs and for schema-driven tests. Documentation only: the validators enforce the rule, with messages
+    that name it (pydantic's generic "should match pattern" would not)."""
+
+    pattern: str
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        value = handler(schema)
+        value["pattern"] = self.pattern
+        return value
+
+
+ACSN_PATTERN = r"""^[!"$'-*,-\[\]-{}~]([ -"$'-*,-\[\]-{}~]*[!"$'-*,-\[\]-{}~])?$"""
+"""`check_acsn` as a regular expression: printable ASCII without `\\ | & # % +`, no padding spaces."""
+
+DICOM_LO_PATTERN = r"^[!-\[\]-~]([ -\[\]-~]*[!-\[\]-~])?$"
+"""`check_dicom_lo` as a regular expression: printable ASCII without a backslash, no padding spaces."""
+
+NON_BLANK_PATTERN = r"\S"
+"""Text with at least one character that is not white space (surrounding white space is stripped)."""
+
+
+class _ModalityCodes:
+    """The CID 29 codes as the schema's `enum`, listed only when the schema is made (pydicom's tables load slowly).
+    Lower case is accepted too (`check_modality` upper-cases it)."""
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        value = handler(schema)
+        value["enum"] = sorted(acquisition_modalities())
+        return value
+
+
 def reference_to(*resource_types: str) -> Any:
     """A relative reference `<Type>/<id>` to one of `resource_types` (never absolute: the router splits it)."""
     pattern = re.compile(rf"^({'|'.join(resource_types)})/[A-Za-z0-9\-.]{{1,64}}$")
@@ -211,28 +252,43 @@ def reference_to(*resource_types: str) -> Any:
             )
         return value
 
-    return Annotated[str, StringConstraints(min_length=1), AfterValidator(check)]
+    return Annotated[str, StringConstraints(min_length=1), AfterValidator(check), Documented(pattern.pattern)]
 
 
-NonEmptyText = Annotated[str, StringConstraints(min_length=1)]
+NonEmptyText = Annotated[str, StringConstraints(min_length=1), Documented(NON_BLANK_PATTERN)]
 """Free text (names, reading text): non-empty after stripping."""
 
-IdentifierValue = Annotated[str, StringConstraints(min_length=1)]
+IdentifierValue = Annotated[str, StringConstraints(min_length=1), Documented(NON_BLANK_PATTERN)]
 """A business identifier value (visit number, order number): non-empty."""
 
-FhirId = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(check_fhir_id)]
+FhirId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64), AfterValidator(check_fhir_id), Documented(_FHIR_ID.pattern)
+]
 """A FHIR logical id: an IHS number (P10443013727, 10016869420) or a server id (a UUID)."""
 
-Acsn = Annotated[str, StringConstraints(min_length=1, max_length=ACSN_MAX_LENGTH), AfterValidator(check_acsn)]
+Acsn = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=ACSN_MAX_LENGTH),
+    AfterValidator(check_acsn),
+    Documented(ACSN_PATTERN),
+]
 """An accession number (ACSN), unique per order at the facility; the router links the study by it."""
 
-LoincCode = Annotated[str, StringConstraints(min_length=1), AfterValidator(check_loinc)]
-Modality = Annotated[str, StringConstraints(min_length=1), AfterValidator(check_modality)]
+LoincCode = Annotated[
+    str, StringConstraints(min_length=1), AfterValidator(check_loinc), Documented(_LOINC_CODE.pattern)
+]
+Modality = Annotated[str, StringConstraints(min_length=1), AfterValidator(check_modality), _ModalityCodes()]
 DicomUid = Annotated[
-    str, StringConstraints(min_length=1, max_length=DICOM_UID_MAX_LENGTH), AfterValidator(check_dicom_uid)
+    str,
+    StringConstraints(min_length=1, max_length=DICOM_UID_MAX_LENGTH),
+    AfterValidator(check_dicom_uid),
+    Documented(_DICOM_UID.pattern),
 ]
 DicomPatientId = Annotated[
-    str, StringConstraints(min_length=1, max_length=DICOM_LO_MAX_LENGTH), AfterValidator(check_dicom_lo)
+    str,
+    StringConstraints(min_length=1, max_length=DICOM_LO_MAX_LENGTH),
+    AfterValidator(check_dicom_lo),
+    Documented(DICOM_LO_PATTERN),
 ]
 
 PatientReference = reference_to("Patient")
@@ -271,6 +327,17 @@ class GatewayInput(BaseModel):
     """Frozen, whitespace-stripped, unknown fields ignored; blank optional fields count as absent."""
 
     model_config = ConfigDict(frozen=True, str_strip_whitespace=True, extra="ignore", use_attribute_docstrings=True)
+
+    one_of_required: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """Pairs of optional fields of which one must be given (enforced by the field validators). The HIS API states
+    them in its OpenAPI document (api/app.py); they stay out of the model's own JSON Schema, which is also the
+    parameter schema of the flows, because the Prefect UI's run form cannot render `allOf` and falls back to raw
+    JSON."""
+
+    @classmethod
+    def required_pairs(cls) -> list[tuple[str, str]]:
+        """`one_of_required` of this model and every base, each pair once, in definition order."""
+        return list(dict.fromkeys(pair for base in cls.__mro__ for pair in vars(base).get("one_of_required", ())))
 
     @model_validator(mode="before")
     @classmethod
@@ -312,6 +379,8 @@ class IdentifierFields(GatewayInput):
 class SubjectFields(GatewayInput):
     """The patient: `subject_reference` ('Patient/<IHS>') wins over `subject_id` (the IHS number)."""
 
+    one_of_required = (("subject_id", "subject_reference"),)
+
     subject_reference: PatientReference | None = None
     """Full reference 'Patient/<IHS>' (overrides subject_id)."""
     subject_id: FhirId | None = Field(default=None, validate_default=True)
@@ -334,6 +403,8 @@ class SubjectFields(GatewayInput):
 
 class AttenderFields(GatewayInput):
     """The encounter's attending practitioner: `individual_reference` wins over `individual_id`."""
+
+    one_of_required = (("individual_id", "individual_reference"),)
 
     individual_reference: PractitionerReference | None = None
     """Full reference 'Practitioner/<IHS>' (overrides individual_id)."""
@@ -533,6 +604,7 @@ class ObservationInput(IdentifierFields, SubjectFields, StartFields, ReadingFiel
     """POST /observation. Required: subject_id, encounter_id, period_start, performer_id, performer_value,
     service_request_id, imaging_study_id, and identifier_value or noacsn."""
 
+    one_of_required = (("noacsn", "identifier_value"),)
     noacsn: Acsn | None = Field(default=None, validate_default=True)
     """New, optional: the order's ACSN, the identifier value when identifier_value is absent."""
 
@@ -549,6 +621,8 @@ class Batch2Input(ObservationInput, ConclusionFields):
 class DiagnosticReportInput(IdentifierFields, SubjectFields, StartFields, ExamFields, ConclusionFields):
     """POST /conclusion. Required: subject_id, encounter_id, period_start, performer_id, imaging_study_id,
     observation_id, service_request_id, conclusion_text, and identifier_value or noacsn."""
+
+    one_of_required = (("noacsn", "identifier_value"),)
 
     encounter_id: FhirId
     performer_id: FhirId
@@ -608,6 +682,8 @@ class Batch4Input(Batch3Input):
 class DicomProcessInput(GatewayInput):
     """POST /dicom/process: send one study to the router, rewriting PatientID and AccessionNumber if given.
     `study` or `accesionnum` is required (without `study` the study is looked up by accession number)."""
+
+    one_of_required = (("study", "accesionnum"),)
 
     study: DicomUid | None = None
     """StudyInstanceUID; without it the study is looked up by accesionnum."""

@@ -10,6 +10,7 @@ POST /dicom/v1/dicomWeb/studies                                STOW as the offic
 from __future__ import annotations
 
 import asyncio
+import hmac
 import io
 import json
 import time
@@ -68,7 +69,9 @@ def create_app(platform: Platform) -> FastAPI:
             return _outcome(400, "invalid", "value", "grant_type=client_credentials is required in the query string")
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         client_id, secret = form.get("client_id", [None])[0], form.get("client_secret", [None])[0]
-        if client_id != config.client_id or secret != config.client_secret:
+        id_ok = hmac.compare_digest((client_id or "").encode(), config.client_id.encode())
+        secret_ok = hmac.compare_digest((secret or "").encode(), config.client_secret.encode())
+        if not (id_ok and secret_ok):  # both compared, in constant time, as the platform's gateway would
             return _outcome(401, "invalid", "value", AUTH_FAILED_TEXT)
         token, issued = store.issue_token(config.client_id, config.token_ttl_s)
         return JSONResponse(_token_body(token, issued, config.client_id, config.token_ttl_s))

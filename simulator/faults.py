@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 HttpFaultKind = Literal["429", "500", "504", "hang", "lost-response"]
-RouterFaultKind = Literal["abort", "status"]
+RouterFaultKind = Literal["abort", "status", "lose"]
 
 
 @dataclass
@@ -34,11 +34,13 @@ class HttpFault:
 
 @dataclass
 class RouterFault:
-    """Make the router abort an association after `after_instances`, or answer `status` to C-STORE requests."""
+    """Make the router abort an association after `after_instances`, answer `status` to C-STORE requests, or
+    `lose` the instance after `after_instances`: answer Success (as the router does, before any work) and leave it
+    out of the ImagingStudy, as a router that failed to process a file it had acknowledged."""
 
     kind: RouterFaultKind
     count: int | None = 1
-    """How many associations (abort) or instances (status) it applies to."""
+    """How many associations (abort, lose) or instances (status) it applies to."""
     fraction: float | None = None
     after_instances: int = 0
     status: int = 0xA700

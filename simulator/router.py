@@ -4,6 +4,9 @@ What it copies from the router (shared/research/satusehat.md §3, observed_contr
 
 * It accepts every storage SOP class in every transfer syntax, plus C-ECHO, and only when the called AE title is
   its own (`ae.require_called_aet`); any other called AE title is rejected (reason 0x07, not recognised).
+  `transfer_syntaxes=V1_0_1_TRANSFER_SYNTAXES` emulates router v1.0.1 instead, which accepted only the default
+  syntaxes plus JPEG Lossless SV1 and JPEG 2000 Lossless (research §3.3): a router still running it refuses the
+  presentation contexts of, e.g., JPEG Baseline or RLE studies.
 * C-STORE answers Success (0x0000) at once, before anything reaches the platform. Like the router's handler,
   a dataset with no StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID or AccessionNumber *element* makes the
   handler fail, so pynetdicom answers 0xC211; present-but-empty values are accepted and fail later.
@@ -24,7 +27,9 @@ STOW to the platform's DICOM store is not emulated (v1.1.0 ignores its answers a
 Faults (simulator/faults.py): "abort" is taken at an association's first C-STORE (so C-ECHO-only associations do
 not use it up) and aborts the association when C-STORE number `after_instances + 1` arrives (that instance is not
 kept; with fewer instances the association completes normally). "status" is taken per C-STORE: that instance is
-answered `fault.status` and not kept.
+answered `fault.status` and not kept. "lose" is taken like "abort", per association: C-STORE number
+`after_instances + 1` is answered Success but not kept, so the ImagingStudy built on release lists fewer instances
+than were sent and confirmed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,8 +50,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLosslessSV1
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from simulator.imaging import (
@@ -93,6 +99,10 @@ _HEADER_TAGS: list[BaseTag | int] = [
         "InstanceNumber",
     )
 ]
+V1_0_1_TRANSFER_SYNTAXES: tuple[str, ...] = (*DEFAULT_TRANSFER_SYNTAXES, JPEGLosslessSV1, JPEG2000Lossless)
+"""What router v1.0.1 accepted for storage: pynetdicom's defaults (implicit/explicit little endian, deflated,
+explicit big endian) plus JPEG Lossless SV1 and JPEG 2000 Lossless (its CHANGELOG, research §3.3)."""
+
 _STOP_AT = 0x00210000
 """Every attribute the builder reads is in groups 0008/0020: stop decoding there (far before the pixel data)."""
 
@@ -121,6 +131,7 @@ class _Association:
     """(study, series, SOP) → header; a re-sent SOP instance replaces the earlier one (the router's file does)."""
     stores: int = 0
     abort_fault: RouterFault | None = None
+    lose_fault: RouterFault | None = None
     abort_checked: bool = False
     aborted: bool = False
 
@@ -143,8 +154,12 @@ class _Job:
 class RouterEmulator:
     """The DICOM Router stand-in: start() it, send it studies, wait_idle(), then look for the ImagingStudy."""
 
-    def __init__(self, platform: _Platform, faults: Faults | None = None) -> None:
+    def __init__(
+        self, platform: _Platform, faults: Faults | None = None, *, transfer_syntaxes: Sequence[str] | None = None
+    ) -> None:
+        """`transfer_syntaxes`: what storage contexts accept; None (v1.1.0) is every one pynetdicom knows."""
         self.platform = platform
+        self.transfer_syntaxes = list(transfer_syntaxes) if transfer_syntaxes is not None else ALL_TRANSFER_SYNTAXES
         self.config: SimulatorConfig = platform.config
         self.store: Store = platform.store
         self.faults: Faults = faults if faults is not None else platform.faults
@@ -170,7 +185,7 @@ class RouterEmulator:
             raise RuntimeError("the router emulation is already started (it cannot be restarted; make a new one)")
         ae = AE(ae_title=self.config.router_aet)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, self.transfer_syntaxes)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         ae.require_called_aet = True
         handlers = [
@@ -281,6 +296,7 @@ class RouterEmulator:
                     fault="abort",
                     after_instances=state.abort_fault.after_instances,
                 )
+            state.lose_fault = self.faults.take_router("lose")
         state.stores += 1
         if state.abort_fault is not None and state.stores > state.abort_fault.after_instances:
             state.aborted = True
@@ -293,6 +309,9 @@ class RouterEmulator:
             self._log("router.fault", association=state.id, fault="status", status=f"0x{status_fault.status:04X}")
             return status_fault.status
         header = InstanceHeader.from_dataset(_read_header(event))
+        if state.lose_fault is not None and state.stores == state.lose_fault.after_instances + 1:
+            self._log("router.fault", association=state.id, fault="lose", sop=header.sop_instance_uid)
+            return STATUS_SUCCESS  # acknowledged, then never part of the ImagingStudy
         absent = absent_at_store(header)
         if absent:
             self._log("router.store_failed", association=state.id, missing=list(absent), sop=header.sop_instance_uid)

@@ -368,7 +368,9 @@ def test_out_of_resources_is_store_incomplete(start_scp: Callable[..., Recording
     outcome = scp.client().send_study(iter(instances))
 
     assert (outcome.sent, outcome.confirmed) == (4, 3)
-    assert outcome.association_ok and not outcome.complete and outcome.retryable
+    assert not outcome.complete and outcome.retryable
+    assert outcome.problem is not None and outcome.problem.kind == "aborted", "no release of a partial study"
+    assert wait_until(lambda: len(scp.aborted) == 1) and scp.released == []
     assert [(f.sop_instance_uid, f.status, f.retryable) for f in outcome.failures] == [
         (instances[1].SOPInstanceUID, 0xA700, True)
     ]
@@ -882,7 +884,7 @@ def test_every_status_is_read_in_both_forms(start_scp: Callable[..., RecordingSC
         (instances[2].SOPInstanceUID, 0xA700, True),
         (instances[3].SOPInstanceUID, 0xC000, False),
     ]
-    assert outcome.association_ok
+    assert not outcome.association_ok and outcome.problem is not None and outcome.problem.kind == "aborted"
     with pytest.raises(InstanceRejected):
         raise_for_outcome(outcome)
 

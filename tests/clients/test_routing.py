@@ -346,3 +346,30 @@ def test_a_failed_listing_aborts_the_transfer(
 
     assert "Association Release" not in storescp.log()
     assert not [t for t in threading.enumerate() if t.name.startswith("routing-")]
+
+
+class Withholding(PacsClient):
+    """A PACS that lists an instance it cannot deliver (a lost file, storage offline): retrieval leaves it out."""
+
+    def __init__(self, *args: object, withheld: str, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.withheld = withheld.encode("ascii")
+
+    def iter_instance_files(self, study_instance_uid: str, **kw: object) -> Iterator[bytes]:
+        return (part for part in super().iter_instance_files(study_instance_uid, **kw) if self.withheld not in part)  # type: ignore[arg-type]
+
+
+def test_an_instance_listed_but_not_delivered_aborts_the_association_naming_it(
+    orthanc: OrthancServer, upload_study: UploadStudy, storescp: StoreSCP
+) -> None:
+    """The router builds an ImagingStudy from whatever a released association carried: a study short of an
+    instance must end in an abort, and the reason must say which instance to look for."""
+    study = upload_study(series=1, instances_per_series=3)
+    missing = sorted(study.by_sop_uid)[1]
+    pacs = Withholding(orthanc.dicomweb_url, username=ORTHANC_USER, password=ORTHANC_PASSWORD, withheld=missing)
+
+    with pytest.raises(StoreIncomplete, match=rf"listed 3 instances .* delivered 2 \(not delivered: {missing}\)"):
+        route_study(pacs, router_for(storescp), study_instance_uid=study.study_instance_uid, accession_number="RAD3")
+
+    log = storescp.log()
+    assert log.count("Association Aborted") == 1 and "Association Release" not in log
