@@ -296,7 +296,10 @@ class OrthancServer:
         if self._client is None:
             if not self.running:
                 raise OrthancError("Orthanc is not running")
-            self._client = httpx.Client(base_url=self.http_url, auth=self.auth, timeout=60.0)
+            # Orthanc closes a keep-alive connection after 1 s idle; reusing one that old races that close and
+            # fails with "Server disconnected without sending a response". Drop idle connections well before.
+            limits = httpx.Limits(keepalive_expiry=0.5)
+            self._client = httpx.Client(base_url=self.http_url, auth=self.auth, timeout=60.0, limits=limits)
         return self._client
 
     def upload(self, items: Iterable[Path | str | Dataset]) -> list[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Reliability and security: faults run through the poller, with what each left behind."""
