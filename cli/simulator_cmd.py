@@ -14,8 +14,9 @@ from simulator.faults import HttpFault, HttpFaultKind, RouterFault
 from simulator.server import start_simulator
 
 _ROUTER_FAULT_HELP = (
-    "Arm a DICOM Router fault at start-up: abort:AFTER[:COUNT] (abort associations after AFTER instances) or "
-    "status:CODE[:COUNT] (answer CODE, e.g. 0xA700, to C-STOREs). Repeatable."
+    "Arm a DICOM Router fault at start-up: abort:AFTER[:COUNT] (abort associations after AFTER instances), "
+    "status:CODE[:COUNT] (answer CODE, e.g. 0xA700, to C-STOREs) or lose:AFTER[:COUNT] (answer Success but leave "
+    "the instances after AFTER out of the ImagingStudy). Repeatable."
 )
 _FAULT_HELP = (
     "Arm an HTTP fault at start-up, KIND:AMOUNT where KIND is 429, 500, 504, hang or lost-response "
@@ -79,19 +80,19 @@ def simulator(
 
 
 def _parse_router_fault(spec: str) -> RouterFault:
-    """abort:AFTER[:COUNT] aborts associations after AFTER instances; status:CODE[:COUNT] answers CODE (hex ok)."""
+    """abort:AFTER[:COUNT] aborts associations after AFTER instances; status:CODE[:COUNT] answers CODE (hex ok);
+    lose:AFTER[:COUNT] acknowledges the instances after AFTER and leaves them out of the ImagingStudy."""
     kind, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
     try:
-        if kind == "abort" and len(parts) in (1, 2):
-            return RouterFault(
-                kind="abort", after_instances=int(parts[0]), count=int(parts[1]) if len(parts) == 2 else 1
-            )
+        if kind in ("abort", "lose") and len(parts) in (1, 2):
+            return RouterFault(kind=kind, after_instances=int(parts[0]), count=int(parts[1]) if len(parts) == 2 else 1)
         if kind == "status" and len(parts) in (1, 2):
             return RouterFault(kind="status", status=int(parts[0], 0), count=int(parts[1]) if len(parts) == 2 else 1)
     except ValueError:
         pass
-    raise typer.BadParameter(f"--router-fault {spec!r}: use abort:AFTER[:COUNT] or status:CODE[:COUNT]")
+    forms = "abort:AFTER[:COUNT], status:CODE[:COUNT] or lose:AFTER[:COUNT]"
+    raise typer.BadParameter(f"--router-fault {spec!r}: use {forms}")
 
 
 def _parse_fault(spec: str) -> HttpFault:

@@ -21,5 +21,7 @@ def test_router_fault_options() -> None:
     assert (abort.kind, abort.after_instances, abort.count) == ("abort", 5, 2)
     status = _parse_router_fault("status:0xA700")
     assert (status.kind, status.status, status.count) == ("status", 0xA700, 1)
+    lose = _parse_router_fault("lose:1")
+    assert (lose.kind, lose.after_instances, lose.count) == ("lose", 1, 1)
     with pytest.raises(typer.BadParameter, match="abort:AFTER"):
         _parse_router_fault("explode:1")
