@@ -159,6 +159,8 @@ class Stack:
     receivers: dict[str, Receiver]
     prefect: PrefectServer | None = None
     studies: dict[str, StudySpec] = field(default_factory=dict)
+    result_storage: str | None = None
+    """The default result storage block named as `satset serve` names it (`served_flows`), passed to workers."""
 
     def gateway_env(self, receiver: str = "default", **extra: str) -> dict[str, str]:
         """The environment a gateway worker would have (the existing gateway's variable names)."""
@@ -182,6 +184,8 @@ class Stack:
         if self.prefect is not None:
             env.update(self.prefect.client_env())
             env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+        if self.result_storage is not None:
+            env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = self.result_storage
         return env
 
     def upload(self, spec: StudySpec) -> str:
@@ -218,7 +222,49 @@ def stack(
             server = PrefectServer()
             server.start()
             exits.callback(server.stop)
-        yield Stack(workdir, orthanc, started, server)
+        result_storage = exits.enter_context(served_flows(server)) if prefect and server is not None else None
+        yield Stack(workdir, orthanc, started, server, result_storage=result_storage)
+
+
+@contextmanager
+def served_flows(server: PrefectServer) -> Iterator[str]:
+    """Run flows as `satset serve` runs them: the default result storage named by deployments.serve's own
+    `pin_result_storage` (the block Prefect would have used), in PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK.
+
+    `satset serve` sets the variable in its environment and its flow-run processes inherit it; here the flows run
+    in this process (routing, concurrency), where Prefect has read its settings already, so the same setting is
+    applied as a temporary setting for the block, and worker processes (memory) get it in `Stack.gateway_env`.
+    Without it every top-level flow run asks the server for its default result storage twice, through a new
+    synchronous client, blocking its event loop (bench/RESULTS.md, item 5). Yields the block's slug."""
+    os.environ.update({**server.client_env(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+
+    from deployments.serve import pin_result_storage
+
+    pointed = {  # in case Prefect was imported (its settings read) before the environment pointed at `server`
+        PREFECT_API_URL: server.api_url,
+        PREFECT_LOCAL_STORAGE_PATH: str(server.home / "storage"),
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }
+    with temporary_settings(updates=pointed):
+        environ: dict[str, str] = {}
+        slug = pin_result_storage(environ)
+        if slug is None:
+            raise BenchError("pin_result_storage named no result storage block")
+        try:
+            with temporary_settings(updates={PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: slug}):
+                yield slug
+        finally:
+            # FlowRunner copies Stack.gateway_env into os.environ: keep the name from reaching later benchmarks'
+            # processes (another server, or item 5's default variant).
+            if os.environ.get("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK") == slug:
+                del os.environ["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]
 
 
 @contextmanager

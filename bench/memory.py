@@ -1,7 +1,9 @@
 """Item 2 (and its part of 6): a 1 GB study (2000 CT slices) through the gateway, and its peak RSS.
 
 Each routing runs in a fresh worker process (bench/child.py) so its peak RSS (VmHWM) is its own: `flow` is the
-real dicom_process flow on the Prefect server (a worker's shape), `route` is route_study alone. The study has
+real dicom_process flow on the Prefect server (a worker's shape; PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK in its
+environment, named by deployments.serve.pin_result_storage as `satset serve` names it for its flow-run
+processes), `route` is route_study alone. The study has
 4 series (a CT with several reconstructions), and the gateway asks for one series per request: no response is
 the whole study. Orthanc's RSS is sampled during the routing to show what the PACS holds. Doubling: 4000 slices.
 """

@@ -5,11 +5,13 @@ A generated CT study (1 series, 512x512 16-bit slices, about 0.5 MB each) is sto
 every round, in a rotating order, and every run is checked (all files arrived, AccessionNumber edited).
 
 Rows: a_flow is the real `dicom_process` flow on a Prefect server (its wall time, and inside it the route_study
-time and the PACS listing); a_route is route_study called directly (the design now in clients/); a_route_1thread
-the same without the read-ahead thread; a_before the design it replaced (pydicom decode, pynetdicom encode and
-send); a_bytes keeps the bytes encoded but sends them through pynetdicom's own DIMSE/DUL path; b, c, d as in the
-issue. Receivers: storescp's default 16 KB maximum PDU (what the official router, pynetdicom's default, also
-accepts) and, for a subset, 128 KB given to the receiver (so to every sender alike).
+time and the PACS listing), run as `satset serve` runs it: the default result storage named by
+deployments.serve.pin_result_storage (bench.common.served_flows), so no flow run asks the server for it;
+a_route is route_study called directly (the design now in clients/); a_route_1thread the same without the
+read-ahead thread; a_before the design it replaced (pydicom decode, pynetdicom encode and send); a_bytes keeps
+the bytes encoded but sends them through pynetdicom's own DIMSE/DUL path; b, c, d as in the issue.
+Receivers: storescp's default 16 KB maximum PDU (what the official router, pynetdicom's default, also accepts)
+and, for a subset, 128 KB given to the receiver (so to every sender alike).
 """
 
 from __future__ import annotations
