@@ -202,7 +202,7 @@ async def _imaging_study_with_one_resend(
     """Wait for the router's ImagingStudy; if it never comes (the router drops failed studies), send once more."""
     deadline = runtime.settings().imaging_study_deadline_s
     try:
-        return await steps.wait_for_imaging_study(acsn, expected, deadline)
+        return await steps.wait_for_imaging_study(acsn, expected, deadline, study_instance_uid=study_uid)
     except ImagingStudyNotReady:
         await steps.route_study_again(study_uid, acsn, patient_id)
-        return await steps.wait_for_imaging_study(acsn, expected, deadline)
+        return await steps.wait_for_imaging_study(acsn, expected, deadline, study_instance_uid=study_uid)

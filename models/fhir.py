@@ -44,6 +44,11 @@ SYS_IDS_BASE = "http://sys-ids.kemkes.go.id"
 """SATUSEHAT's namespace for business identifiers; every system below carries the organisation id."""
 
 
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+"""The identifier system of an ImagingStudy's StudyInstanceUID (value `urn:oid:<UID>`), as the DICOM Router writes
+it (research §3)."""
+
+
 class IdentifierKind(StrEnum):
     """The identifier systems the radiology flow uses (satusehat.md §2, table of identifier systems)."""
 

@@ -25,7 +25,7 @@ from prefect.context import TaskRunContext
 
 from clients.errors import FhirRejected, ImagingStudyNotReady, Retryable
 from models import fhir
-from models.fhir import IdentifierKind, identifier_system
+from models.fhir import DICOM_UID_SYSTEM, IdentifierKind, identifier_system
 from models.inputs import (
     DiagnosticReportInput,
     EncounterInput,
@@ -171,11 +171,15 @@ async def find_imaging_study(accession_number: str) -> dict[str, Any] | None:
 
 
 @task(name="wait-for-imaging-study", retries=0)
-async def wait_for_imaging_study(accession_number: str, expected_instances: int, deadline_s: float) -> dict[str, Any]:
+async def wait_for_imaging_study(
+    accession_number: str, expected_instances: int, deadline_s: float, study_instance_uid: str | None = None
+) -> dict[str, Any]:
     """Poll until the router's ImagingStudy for the ACSN lists every instance sent; raise ImagingStudyNotReady.
 
     The router builds it only after the association's release, asynchronously: an empty search is "not yet",
     not an error, and so is a platform hiccup while polling. The polling is this task's own retry loop.
+    With `study_instance_uid` (batch4 knows what it sent), an ImagingStudy the router built earlier for the same
+    ACSN from another study (a study corrected at the modality, sent again) is "not yet" too, not the answer.
     """
     client = runtime.satusehat()
     system = _acsn_system()
@@ -190,8 +194,11 @@ async def wait_for_imaging_study(accession_number: str, expected_instances: int,
             found, last_problem = [], f"the platform did not answer the search ({error.message})"
         except FhirRejected:
             raise
-        if found:
-            last = _imaging_summary(found[0])
+        ours = [resource for resource in found if _of_study(resource, study_instance_uid)]
+        if found and not ours:
+            last_problem = f"the ImagingStudy for the ACSN is of another study, not {study_instance_uid}"
+        if ours:
+            last = _imaging_summary(ours[0])
             if last["instances"] >= expected_instances:
                 return last
             last_problem = f"the ImagingStudy lists {last['instances']} of {expected_instances} instances sent"
@@ -202,6 +209,19 @@ async def wait_for_imaging_study(accession_number: str, expected_instances: int,
     raise ImagingStudyNotReady(
         f"no complete ImagingStudy for ACSN {accession_number} after {deadline_s:.0f} s: {last_problem}"
     )
+
+
+def _of_study(resource: dict[str, Any], study_instance_uid: str | None) -> bool:
+    """Whether the ImagingStudy is of that study: its `urn:dicom:uid` identifier (the router writes
+    `urn:oid:<StudyInstanceUID>`) names it; one without that identifier cannot say otherwise."""
+    if study_instance_uid is None:
+        return True
+    uids = [
+        str(identifier.get("value", "")).removeprefix("urn:oid:")
+        for identifier in resource.get("identifier", [])
+        if identifier.get("system") == DICOM_UID_SYSTEM
+    ]
+    return not uids or study_instance_uid in uids
 
 
 def _imaging_summary(resource: dict[str, Any]) -> dict[str, Any]:

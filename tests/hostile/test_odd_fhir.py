@@ -19,13 +19,14 @@ from typing import Any
 import httpx
 import pytest
 
-from clients.errors import FhirRejected, Rejected, Retryable, UpstreamUnavailable
+from clients.errors import FhirRejected, ImagingStudyNotReady, Rejected, Retryable, UpstreamUnavailable
 from clients.satusehat import CreateResult, SatusehatClient
 from flows.batches import batch4
 from flows.steps import BatchFailed
-from models.fhir import IdentifierKind, identifier_system
+from models.fhir import DICOM_UID_SYSTEM, IdentifierKind, identifier_system
 from models.inputs import Batch4Input
 from tasks import runtime
+from tasks.fhir import wait_for_imaging_study
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadStudy
 
@@ -422,3 +423,45 @@ async def test_batch4_refuses_an_acsn_ordered_for_another_patient_before_sending
     assert set(failed.value.created) == {"encounter_id"}
     store = gateway.simulator.running.platform.store
     assert store.events(["router.received"]) == [] and gateway.resources("ImagingStudy") == []
+
+
+def _imaging_study(study_uid: str, instances: int) -> dict[str, Any]:
+    return {
+        "resourceType": "ImagingStudy",
+        "id": f"is-{study_uid}",
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}],
+        "series": [{"uid": f"{study_uid}.1", "instance": [{"uid": f"{study_uid}.1.{n}"} for n in range(instances)]}],
+    }
+
+
+class _Searches:
+    """A SATUSEHAT client whose ImagingStudy searches answer from a list of answers, the last one repeated."""
+
+    def __init__(self, *answers: list[dict[str, Any]]) -> None:
+        self.answers = list(answers)
+
+    def find_by_identifier(self, resource_type: str, system: str, value: str) -> list[dict[str, Any]]:
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+@pytest.mark.anyio
+async def test_an_imaging_study_of_another_study_under_the_same_acsn_is_not_taken_for_the_one_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ImagingStudy the router built earlier for this ACSN from another study (the modality sent the wrong
+    study first) lists enough instances and is the newest match: batch4 waits for the one of the study it sent,
+    by its `urn:dicom:uid`, and without it ends "not ready" (then sends once more) instead of reporting done."""
+    stale, ours = _imaging_study("1.2.3.4", 2), _imaging_study("1.2.3.5", 2)
+    monkeypatch.setattr(runtime, "satusehat", lambda: _Searches([stale], [stale, ours]))
+    monkeypatch.setattr(runtime, "settings", lambda: _OrgSettings())
+
+    found = await wait_for_imaging_study.fn("RAD1", 2, 5.0, study_instance_uid="1.2.3.5")
+    assert found["id"] == ours["id"]
+
+    monkeypatch.setattr(runtime, "satusehat", lambda: _Searches([stale]))
+    with pytest.raises(ImagingStudyNotReady, match=r"of another study, not 1\.2\.3\.5"):
+        await wait_for_imaging_study.fn("RAD1", 2, 0.3, study_instance_uid="1.2.3.5")
+
+
+class _OrgSettings:
+    ss_org_id = "org-1"
