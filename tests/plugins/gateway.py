@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from simulator.server import RunningSimulator
 from stack.orthanc import OrthancServer
 from tasks import runtime
 from tests.plugins.pacs import ORTHANC_PASSWORD, ORTHANC_USER, UploadedStudy, unique_accession
@@ -43,9 +44,8 @@ class Gateway:
         httpx.post(url, json=fault, timeout=10).raise_for_status()
 
 
-@pytest.fixture
-def gateway_env(simulator: SimulatorSession, orthanc: OrthancServer) -> dict[str, str]:
-    running = simulator.running
+def gateway_environment(running: RunningSimulator, orthanc: OrthancServer) -> dict[str, str]:
+    """The gateway's variables for a test simulator (FHIR and router) and a test Orthanc (the PACS)."""
     return {
         "DCM4CHEE_URL": orthanc.dicomweb_url,
         "PACS_USERNAME": ORTHANC_USER,
@@ -58,6 +58,13 @@ def gateway_env(simulator: SimulatorSession, orthanc: OrthancServer) -> dict[str
         "SS_ORG_ID": ORG_ID,
         "SS_CLIENT_ID": CLIENT_ID,
         "SS_CLIENT_SECRET": CLIENT_SECRET,
+    }
+
+
+@pytest.fixture
+def gateway_env(simulator: SimulatorSession, orthanc: OrthancServer) -> dict[str, str]:
+    return {
+        **gateway_environment(simulator.running, orthanc),
         "IMAGING_STUDY_DEADLINE_S": str(IMAGING_STUDY_DEADLINE_S),
     }
 

@@ -41,8 +41,8 @@ from simulator.server import RunningSimulator
 from stack.orthanc import OrthancServer
 from tests.deployments.prefect_server import Background, wait_for
 from tests.plugins.databases import fresh_database, server_url
-from tests.plugins.gateway import batch4_input
-from tests.plugins.pacs import ORTHANC_PASSWORD, ORTHANC_USER, UploadStudy
+from tests.plugins.gateway import batch4_input, gateway_environment
+from tests.plugins.pacs import UploadStudy
 from tests.plugins.simulator import CLIENT_ID, CLIENT_SECRET, ORG_ID
 from tests.reliability.crash_harness import (
     Hold,
@@ -189,17 +189,7 @@ def gateway_settings(holding_simulator: tuple[RunningSimulator, Holds], orthanc:
     """The gateway's environment on a host: the holding simulator (FHIR and router) and Orthanc (the PACS)."""
     running, _ = holding_simulator
     return {
-        "DCM4CHEE_URL": orthanc.dicomweb_url,
-        "PACS_USERNAME": ORTHANC_USER,
-        "PACS_PASSWORD": ORTHANC_PASSWORD,
-        "ROUTER_IP": running.config.host,
-        "ROUTER_PORT": str(running.dicom_port),
-        "ROUTER_AET": running.config.router_aet,
-        "SS_AUTH_URL": running.auth_url,
-        "SS_BASE_URL": running.fhir_url,
-        "SS_ORG_ID": ORG_ID,
-        "SS_CLIENT_ID": CLIENT_ID,
-        "SS_CLIENT_SECRET": CLIENT_SECRET,
+        **gateway_environment(running, orthanc),
         "SS_TIMEOUT_S": "600",  # a held request stays held until the test lets it go: no client timeout
         "IMAGING_STUDY_DEADLINE_S": "60",
         "ORDER_RETRY_BACKOFF_S": "1",
