@@ -22,7 +22,7 @@ from clients.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from clients.pacs import InstanceRef, PacsClient, RetrievePer, StudyRef
+from clients.pacs import InstanceRef, PacsClient, RetrievePer, StudyRef, _PartCutter
 from models.settings import Settings
 from stack.orthanc import OrthancServer
 from stack.ports import LOOPBACK
@@ -452,6 +452,38 @@ def test_multipart_parts_are_cut_exactly(scripted: type[ScriptedPacs]) -> None:
 
     assert files == bodies
     assert server.requests[1].startswith("/dicom-web/studies/1.2.8/series/1.2.9")
+
+
+# Bodies with CRLFs, dashes, the boundary's prefix, an empty one; parts with and without a header block.
+TRICKY_BODIES = [b"\r\n--b0undar\r\n\r\n" * 3, b"", b"-" * 40, b"x", b"\r\n", b"b0undary--", b"\r\n\r\n"]
+TRICKY_ANSWER = (
+    b"preamble\r\n--b0undary\r\nContent-Type: application/dicom\r\n\r\n"
+    + b"\r\n--b0undary\r\nContent-Type: application/dicom\r\n\r\n".join(TRICKY_BODIES[:-1])
+    + b"\r\n--b0undary\r\n\r\n"  # the last part has no header lines at all
+    + TRICKY_BODIES[-1]
+    + b"\r\n--b0undary--\r\n"
+)
+
+
+def cut(answer: bytes, chunk: int) -> list[bytes]:
+    cutter = _PartCutter(b"b0undary")
+    parts = [part for at in range(0, len(answer), chunk) for part in cutter.feed(answer[at : at + chunk])]
+    cutter.finish()
+    return parts
+
+
+@pytest.mark.parametrize("chunk", [*range(1, 30), 64, 1 << 20])
+def test_parts_are_cut_exactly_wherever_the_chunks_split_the_answer(chunk: int) -> None:
+    """Every chunk size up to past the delimiter's length splits delimiters and header blocks at every offset."""
+    assert cut(TRICKY_ANSWER, chunk) == TRICKY_BODIES
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_an_answer_cut_anywhere_before_its_closing_boundary_is_refused(chunk: int) -> None:
+    closing = TRICKY_ANSWER.rindex(b"--\r\n")
+    for end in range(0, closing + 2, 3 if chunk == 1 else 1):
+        with pytest.raises(ValueError, match="closing boundary"):
+            cut(TRICKY_ANSWER[:end], chunk)
 
 
 def test_a_multipart_answer_cut_short_is_upstream_unavailable(scripted: type[ScriptedPacs]) -> None:
