@@ -16,6 +16,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from clients import routing
+from clients.pacs import StudyRef
 from tasks import runtime
 from tasks.fhir import call
 from tasks.retry import (
@@ -37,10 +38,15 @@ from tasks.retry import (
 )
 async def locate_study(study_instance_uid: str | None = None, accession_number: str | None = None) -> dict[str, Any]:
     """The PACS study by Study Instance UID (preferred) or accession number: uid, accession, counts, modalities."""
-    found = await call(
-        runtime.pacs().find_study, accession_number=accession_number, study_instance_uid=study_instance_uid
-    )
+    found = await call(_find_study, accession_number=accession_number, study_instance_uid=study_instance_uid)
     return asdict(found)
+
+
+def _find_study(**query: str | None) -> StudyRef:
+    """Runs in an I/O thread and uses that thread's PACS client: a requests.Session must not be shared between the
+    threads that several flow runs of one process call from (`runtime.pacs()` resolved in the event loop would be
+    one client for all of them)."""
+    return runtime.pacs().find_study(**query)
 
 
 def _routing_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -74,11 +80,18 @@ def _routing_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 async def route_study(study_instance_uid: str, accession_number: str, patient_id: str | None = None) -> dict[str, Any]:
     """Stream the study from the PACS, set ACSN (and IHS number), C-STORE it in one association to the router."""
     report = await call(
-        routing.route_study,
+        _route_study, study_instance_uid=study_instance_uid, accession_number=accession_number, patient_id=patient_id
+    )
+    return {**report.as_response(), "elapsed_s": round(report.elapsed_s, 3)}
+
+
+def _route_study(*, study_instance_uid: str, accession_number: str, patient_id: str | None) -> routing.RoutingReport:
+    """Runs in an I/O thread: that thread's PACS client (see `_find_study`), the process's router client (its
+    association slots are process-wide on purpose)."""
+    return routing.route_study(
         runtime.pacs(),
         runtime.router(),
         study_instance_uid=study_instance_uid,
         accession_number=accession_number,
         patient_id=patient_id,
     )
-    return {**report.as_response(), "elapsed_s": round(report.elapsed_s, 3)}
