@@ -53,6 +53,7 @@ from bench.common import (
     log,
     machine,
     paired_ratios,
+    prefect_database,
     ratio,
     summary,
     table,
@@ -74,7 +75,6 @@ CONCURRENCY = 32
 """POLL_CONCURRENCY: batch3 runs at once; about what the cap allows with 150 ms per request (9 requests each)."""
 BASELINE_SAMPLE = 20
 BASELINE_FLOW_ORDERS = 60
-DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 RESOURCE_TYPES = ("Encounter", "ServiceRequest", "Observation", "DiagnosticReport")
 IDS = ("encounter_id", "service_request_id", "imaging_study_id", "observation_id", "diagnostic_report_id")
 
@@ -101,7 +101,7 @@ def run(
     with ExitStack() as exits:
         workdir = Path(tempfile.mkdtemp(prefix="satset-bench-backlog-"))
         exits.callback(_remove, workdir)
-        database, results["prefect_database"] = exits.enter_context(_prefect_database())
+        database, results["prefect_database"] = exits.enter_context(prefect_database())
         log(f"backlog: starting a Prefect server on {results['prefect_database']}")
         server = PrefectServer(database_url=database, scheduler=False)
         server.start()
@@ -214,32 +214,6 @@ def simulator(latency_s: float = LATENCY_S, router_delay_s: float | None = None)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
-
-
-@contextmanager
-def _prefect_database() -> Iterator[tuple[str | None, str]]:
-    """A fresh PostgreSQL database for the Prefect server (dropped afterwards); SQLite if there is no PostgreSQL."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-
-    base = make_url(os.environ.get("SATSET_BENCH_POSTGRES_URL", DEFAULT_POSTGRES))
-    name = f"satset_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError:
-        admin.dispose()
-        log("backlog: no PostgreSQL reachable; the Prefect server runs on SQLite")
-        yield None, "SQLite"
-        return
-    try:
-        url = base.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
-        yield url, f"PostgreSQL {base.host}:{base.port or 5432} (fresh database)"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _remove(path: Path) -> None:

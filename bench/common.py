@@ -226,6 +226,40 @@ def stack(
         yield Stack(workdir, orthanc, started, server, result_storage=result_storage)
 
 
+DEFAULT_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+"""Where a fresh database for the Prefect server is made (`SATSET_BENCH_POSTGRES_URL` overrides)."""
+
+
+@contextmanager
+def prefect_database() -> Iterator[tuple[str | None, str]]:
+    """A fresh PostgreSQL database for a Prefect server (dropped afterwards), and its label; SQLite (None) if there
+    is no PostgreSQL. PostgreSQL is the server the README asks for when runs go concurrently: on SQLite, flow runs
+    created at the same moment fail with SQLITE_BUSY, answered 503, and Prefect's client waits 2 s, then 4 s."""
+    import uuid
+
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    base = make_url(os.environ.get("SATSET_BENCH_POSTGRES_URL", DEFAULT_POSTGRES))
+    name = f"satset_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError:
+        admin.dispose()
+        log("bench: no PostgreSQL reachable; the Prefect server runs on SQLite")
+        yield None, "SQLite"
+        return
+    try:
+        url = base.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
+        yield url, f"PostgreSQL {base.host}:{base.port or 5432} (fresh database)"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @contextmanager
 def served_flows(server: PrefectServer) -> Iterator[str]:
     """Run flows as `satset serve` runs them: the default result storage named by deployments.serve's own

@@ -6,7 +6,10 @@ would serialise any sender). Sequential: the 8 studies routed one after another.
 per-router association cap (RouterClient's process-wide slots, ROUTER_MAX_ASSOCIATIONS) at 1, 2, 4 (the default)
 and 8. Both through route_study in threads (one PACS client each, as the gateway's tasks have) and through 8
 dicom_process flows on the Prefect server (asyncio.gather in one worker, cap from the settings), run as `satset
-serve` runs them (the result storage named by deployments.serve.pin_result_storage: bench.common.served_flows).
+serve` runs them (the result storage named by deployments.serve.pin_result_storage: bench.common.served_flows). The
+server keeps its database in PostgreSQL when one is reachable (`bench.common.prefect_database`), as the README asks
+for concurrent runs: on SQLite, flow runs created at the same moment are refused (SQLITE_BUSY, 503) and Prefect's
+client retries them 2 s later.
 `*_no_read_ahead` modes route without the read-ahead thread, to measure what that thread costs in CPU. Throughput
 is instances per second; the ratio is concurrent throughput over sequential; CPU seconds per study are read from
 /proc for each process (gateway, storescp with its children, Orthanc, Prefect server). Doubling: 8 x 600 slices.
@@ -20,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 from bench.common import (
@@ -31,6 +35,7 @@ from bench.common import (
     load,
     log,
     machine,
+    prefect_database,
     ratio,
     stack,
     summary,
@@ -58,21 +63,23 @@ def run(
     *, runs: int = 3, sizes: tuple[int, ...] = (300, 600), prefect_server: PrefectServer | None = None
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"benchmark": "concurrency", "machine": machine(), "runs": runs, "sizes": {}}
-    with stack(receivers=[("fork", ("--fork",))], prefect=True, prefect_server=prefect_server) as st:
+    with ExitStack() as exits:
+        database, results["prefect_database"] = exits.enter_context(prefect_database())
+        if database is not None:  # the flows run at once: the server the README asks for then
+            log(f"concurrency: starting a Prefect server on {results['prefect_database']}")
+            prefect_server = exits.enter_context(PrefectServer(database_url=database))
+        st = exits.enter_context(stack(receivers=[("fork", ("--fork",))], prefect=True, prefect_server=prefect_server))
         timer = RouteTimer().install()
+        exits.callback(timer.uninstall)
         flow = FlowRunner(st, timer)
-        try:
-            for size in sizes:
-                log(f"concurrency: uploading {STUDIES} studies of {size} instances")
-                uids = [
-                    st.upload(StudySpec(series=1, instances_per_series=size, rows=512, columns=512))
-                    for _ in range(STUDIES)
-                ]
-                results["sizes"][str(size)] = _measure(st, flow, uids, size, runs)
-                st.orthanc.delete_all()
-        finally:
-            flow.close()
-            timer.uninstall()
+        exits.callback(flow.close)
+        for size in sizes:
+            log(f"concurrency: uploading {STUDIES} studies of {size} instances")
+            uids = [
+                st.upload(StudySpec(series=1, instances_per_series=size, rows=512, columns=512)) for _ in range(STUDIES)
+            ]
+            results["sizes"][str(size)] = _measure(st, flow, uids, size, runs)
+            st.orthanc.delete_all()
     results["load_at_end"] = load()
     write_results("concurrency", results)
     print(report(results))
