@@ -478,6 +478,18 @@ def test_parts_are_cut_exactly_wherever_the_chunks_split_the_answer(chunk: int) 
     assert cut(TRICKY_ANSWER, chunk) == TRICKY_BODIES
 
 
+@pytest.mark.parametrize("chunk", [1, 1000, 1 << 20])
+def test_a_long_header_block_is_read_up_to_its_limit(chunk: int) -> None:
+    """Header blocks are looked for in the first KB, then up to 64 KB; past that the part is refused."""
+    long_header = b"X-Note: " + b"n" * 5000 + b"\r\n"
+    answer = b"--b0undary\r\n" + long_header + b"\r\nbody\r\n--b0undary--\r\n"
+    assert cut(answer, chunk) == [b"body"]
+
+    endless = b"--b0undary\r\nX-Note: " + b"n" * (70 * 1024) + b"\r\n\r\nbody\r\n--b0undary--\r\n"
+    with pytest.raises(ValueError, match="header block"):
+        cut(endless, chunk)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
 def test_an_answer_cut_anywhere_before_its_closing_boundary_is_refused(chunk: int) -> None:
     closing = TRICKY_ANSWER.rindex(b"--\r\n")
