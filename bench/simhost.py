@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import threading
 import time
 import uuid
@@ -120,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "router_aet": config.router_aet,
     }
     print(json.dumps(ready), flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        running.stop()
+    running.serve_until_signalled()
     return 0
 
 

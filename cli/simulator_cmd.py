@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import Annotated, get_args
 
@@ -69,14 +67,7 @@ def simulator(
     for armed_router in router_faults:
         running.platform.faults.arm_router(armed_router)
     typer.echo(running.describe(), err=False)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        running.stop()
+    running.serve_until_signalled()
 
 
 def _parse_router_fault(spec: str) -> RouterFault:

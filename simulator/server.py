@@ -6,6 +6,7 @@ accept connections and says where they are.
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -64,6 +65,18 @@ class RunningSimulator:
         if self.config.admin_enabled:
             lines.append(f"  Admin (faults, inspection): {self.base_url}/admin/state")
         return "\n".join(lines)
+
+    def serve_until_signalled(self) -> None:
+        """Block until SIGTERM or Ctrl-C, then stop: how a simulator runs as a process of its own (the CLI, the
+        benchmarks' host). Call from the main thread (signal handlers are installed there)."""
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         if self._router is not None:
