@@ -302,7 +302,7 @@ def _gateway(
         ]
     spy = None
     if server_profile := os.environ.get("SATSET_BENCH_PYSPY_SERVER"):  # the Prefect server's profile, likewise
-        assert server._process is not None
+        assert server.pid is not None
         spy = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("py-spy")),
@@ -316,7 +316,7 @@ def _gateway(
                 "-o",
                 server_profile,
                 "--pid",
-                str(server._process.pid),
+                str(server.pid),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -382,7 +382,7 @@ def _pin_result_storage(server: PrefectServer) -> str | None:
 
 def _stack_cpu(sim: Simulator, server: PrefectServer) -> dict[str, float]:
     """CPU seconds used so far by the simulator, the Prefect server (with its children) and PostgreSQL."""
-    server_pid = server._process.pid if server._process is not None else None
+    server_pid = server.pid
     prefect = 0.0
     if server_pid is not None:
         prefect = sum(cpu_seconds(pid) for pid in [server_pid, *descendants(server_pid)])

@@ -167,23 +167,18 @@ def _cpu_meters(st: Stack) -> dict[str, Callable[[], float]]:
     """CPU seconds used so far by each process of the routing: this gateway process (its threads), the receiver
     (storescp and its forked children, reaped), Orthanc, and the Prefect server (with its worker processes)."""
     meters: dict[str, Callable[[], float]] = {"gateway": lambda: cpu_seconds(os.getpid())}
-    scp_pid = _pid(st.receivers["fork"].scp)
+    scp_pid = st.receivers["fork"].scp.pid
     if scp_pid is not None:
         meters["storescp"] = lambda: cpu_seconds(scp_pid, reaped_children=True)
     orthanc_pid = st.orthanc.pid
     if orthanc_pid is not None:
         meters["orthanc"] = lambda: cpu_seconds(orthanc_pid)
-    server_pid = _pid(st.prefect)
+    server_pid = st.prefect.pid if st.prefect is not None else None
     if server_pid is not None:
         meters["prefect_server"] = lambda: (
             cpu_seconds(server_pid, reaped_children=True) + sum(cpu_seconds(child) for child in descendants(server_pid))
         )
     return meters
-
-
-def _pid(owner: object) -> int | None:
-    """The PID of a stack helper's child process (StoreSCP and PrefectServer keep it private)."""
-    return getattr(getattr(owner, "_process", None), "pid", None)
 
 
 def _reset_caps() -> None:

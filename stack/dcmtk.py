@@ -136,6 +136,11 @@ class StoreSCP:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The storescp process (with --fork, the parent of one child per association)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> None:
         """Start storescp and return once its port accepts TCP connections."""
         tool = find_tool("storescp")

@@ -95,6 +95,11 @@ class PrefectServer:
         if self._own_home:
             shutil.rmtree(self.home, ignore_errors=True)
 
+    @property
+    def pid(self) -> int | None:
+        """The `prefect server start` process (its API workers are its children)."""
+        return self._process.pid if self._process is not None else None
+
     def __enter__(self) -> PrefectServer:
         return self.start()
 

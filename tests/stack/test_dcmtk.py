@@ -8,7 +8,7 @@ import httpx
 import pydicom
 import pytest
 
-from stack.dcmtk import StoreSCP, storescu
+from stack.dcmtk import StoreSCP, find_tool, storescu
 from stack.orthanc import OrthancServer
 from stack.ports import LOOPBACK, free_port
 from stack.studies import StudySpec, write_study
@@ -31,6 +31,16 @@ def test_storescu_delivers_every_file_to_storescp(storescp: StoreSCP, tmp_path: 
 
 def test_storescp_listens_on_loopback_only(storescp: StoreSCP) -> None:
     assert listening_addresses(storescp.port) == {LOOPBACK}
+
+
+def test_storescp_pid_is_the_running_storescp_until_stopped(tmp_path: Path) -> None:
+    require(find_tool("storescp") is not None, "dcmtk storescp (Debian package 'dcmtk')")
+    scp = StoreSCP(tmp_path / "received")
+    assert scp.pid is None
+    with scp:
+        assert scp.pid is not None
+        assert Path(f"/proc/{scp.pid}/comm").read_text().strip() == "storescp"
+    assert scp.pid is None
 
 
 def test_storescu_to_a_closed_port_returns_a_failure(tmp_path: Path) -> None:
