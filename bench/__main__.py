@@ -1,5 +1,5 @@
 """One command for the gateway's benchmarks: `python -m bench NAME`, NAME one of routing, memory, concurrency,
-profile, backlog, overhead or all.
+profile, backlog, overhead, receiver or all.
 
 Each prints its tables (Markdown, as in bench/RESULTS.md) and writes raw figures to bench/results/<name>.json.
 `--quick` is a smoke run (one round, base sizes only) to check that everything works; the figures in
@@ -19,10 +19,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "benchmark", choices=["routing", "memory", "concurrency", "profile", "backlog", "overhead", "all"]
+        "benchmark", choices=["routing", "memory", "concurrency", "profile", "backlog", "overhead", "receiver", "all"]
     )
     parser.add_argument(
-        "--runs", type=int, default=None, help="rounds per method (default: 5 routing, 9 overhead, 3 others)"
+        "--runs",
+        type=int,
+        default=None,
+        help="rounds per method (default: 5 routing, 9 overhead, 5 receiver, 3 others)",
     )
     parser.add_argument("--quick", action="store_true", help="one round, base sizes only: a smoke run")
     args = parser.parse_args(argv)
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import common
     from stack.prefect_server import PrefectServer
 
-    everything = ["routing", "memory", "concurrency", "profile", "backlog", "overhead"]
+    everything = ["routing", "memory", "concurrency", "profile", "backlog", "overhead", "receiver"]
     chosen = everything if args.benchmark == "all" else [args.benchmark]
     with ExitStack() as exits, common._signals_unwind():
         server = None
@@ -83,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import overhead
 
                 overhead.run(runs=2 if args.quick else (args.runs or 9), prefect_server=server)
+            elif name == "receiver":
+                from bench import receiver
+
+                receiver.run(runs=2 if args.quick else (args.runs or 5))
     return 0
 
 
