@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from clients import routing
 from clients.errors import StoreIncomplete, UpstreamUnavailable
 from clients.pacs import InstanceRef, PacsClient, SeriesRef
 from clients.router import RouterClient
-from clients.routing import ReadAhead, route_study
+from clients.routing import TRANSFERS_IN_PROCESS, ReadAhead, route_study
 from stack.dcmtk import StoreSCP
 from stack.orthanc import OrthancServer
 from stack.studies import StudySpec
@@ -63,6 +64,60 @@ def test_a_study_arrives_edited_on_every_path(
         assert ds.PixelData == original.PixelData
         assert ds.SeriesInstanceUID == original.SeriesInstanceUID
     assert storescp.log().count("Association Acknowledged") == 1, "one association for the study"
+
+
+def test_the_read_ahead_thread_runs_only_while_no_other_study_is_being_transferred(
+    monkeypatch: pytest.MonkeyPatch, pacs: PacsClient, upload_study: UploadStudy, storescp: StoreSCP
+) -> None:
+    started: list[int] = []
+
+    class CountedReadAhead(ReadAhead[object]):
+        def __init__(self, source: Iterator[object], depth: int) -> None:
+            started.append(TRANSFERS_IN_PROCESS.running)
+            super().__init__(source, depth)
+
+    monkeypatch.setattr(routing, "ReadAhead", CountedReadAhead)
+    study = upload_study(series=1, instances_per_series=6, rows=64, columns=64)
+
+    def route(accession: str) -> routing.RoutingReport:
+        return route_study(
+            pacs,
+            router_for(storescp),
+            study_instance_uid=study.study_instance_uid,
+            accession_number=accession,
+            read_ahead=3,
+        )
+
+    assert route("RAD1").sent_instance == 6
+    assert started == [1], "alone: the rest retrieved and edited ahead in a worker thread, the transfer counted"
+    assert TRANSFERS_IN_PROCESS.running == 0
+
+    assert TRANSFERS_IN_PROCESS.start() == 0  # another study of this process is being transferred
+    try:
+        report = route("RAD2")
+        assert TRANSFERS_IN_PROCESS.running == 1
+    finally:
+        TRANSFERS_IN_PROCESS.end()
+
+    assert report.outcome.complete
+    assert report.sent_instance == 6
+    assert started == [1], "while another is transferred: everything in the calling thread"
+    assert route("RAD3").sent_instance == 6
+    assert started == [1, 1], "alone again: the worker thread is back"
+    received = [dcmread(path, stop_before_pixels=True) for path in storescp.received_files()]
+    assert len(received) == 6 and {ds.AccessionNumber for ds in received} == {"RAD3"}
+
+
+def test_a_transfer_that_fails_is_no_longer_counted(
+    orthanc: OrthancServer, upload_study: UploadStudy, storescp: StoreSCP
+) -> None:
+    study = upload_study(series=1, instances_per_series=6)
+    broken = BreakingPacs(orthanc.dicomweb_url, username=ORTHANC_USER, password=ORTHANC_PASSWORD)
+
+    with pytest.raises(UpstreamUnavailable):
+        route_study(broken, router_for(storescp), study_instance_uid=study.study_instance_uid, accession_number="R1")
+
+    assert TRANSFERS_IN_PROCESS.running == 0
 
 
 class BreakingPacs(PacsClient):
