@@ -1,9 +1,11 @@
 """Three pollers, many orders, one RIS table: every order processed exactly once, on SQLite, PostgreSQL and MariaDB.
 
 Three separate OS processes each run the real `poll-ris` flow in a loop (`python -m tests.reliability.soak poller`)
-against the test session's Prefect server, claiming from one table until nothing is left; they start claiming at
-the same moment. The orders are batch1 (Encounter → ServiceRequest): the subject is the claim, and batch1 is the
-shortest batch that still has the platform create something per order.
+against a Prefect server, claiming from one table until nothing is left; they start claiming at the same moment.
+The server is the one the README asks for when runs go at once: a server of its own on a fresh PostgreSQL database
+when SATSET_TEST_POSTGRES_URL is set (always in CI), else the session's server on SQLite (`prefect_api_url`).
+The orders are batch1 (Encounter → ServiceRequest): the subject is the claim, and batch1 is the shortest batch that
+still has the platform create something per order.
 
 "Exactly once" is shown from the outside, not from the claim's own bookkeeping:
 
@@ -14,10 +16,10 @@ shortest batch that still has the platform create something per order.
 * the RIS: every row done, holding the platform's ids, and all three pollers took part.
 
 An order may still be claimed a second time, when its first attempt ended in a recorded failure: the Prefect
-server on SQLite answers 503 for a while when the machine is overloaded, the client's own retries run out (seen
-on `POST /task_runs/`, the subflow's parent task run, so that attempt often has no batch run at all), the poller
-records the failure and a later poll runs the order again (what the failure path is for). Such an order must
-still have exactly one completed run, no more runs than claims, its failure recorded in the RIS row, and no
+server (on SQLite above all) answers 503 for a while when the machine is overloaded, the client's own retries run
+out (seen on `POST /task_runs/`, the subflow's parent task run, so that attempt often has no batch run at all), the
+poller records the failure and a later poll runs the order again (what the failure path is for). Such an order
+must still have exactly one completed run, no more runs than claims, its failure recorded in the RIS row, and no
 second POST at the platform (the rerun adopts what the first created). Anything else is a duplicate.
 
 Two order-run modes (POLL_ORDER_RUNS, given to the pollers through their environment), judged by the same code:
@@ -43,6 +45,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +54,11 @@ import prefect.settings
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+from sqlalchemy.engine import make_url
 
 from clients.ris import RisStore
 from models.orders import DONE, RadiologyOrder
+from stack.prefect_server import PrefectServer
 from tests.deployments.prefect_server import Background, clean_environment, start_background
 from tests.orders.bodies import body
 from tests.plugins.databases import BACKENDS, fresh_database, server_url
@@ -101,6 +106,27 @@ def ris_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield from fresh_database(server_url(request.param))
 
 
+@pytest.fixture(scope="module")
+def prefect_api_url(prefect_server: None) -> Iterator[str]:
+    """The Prefect server the pollers report to, and that this module's Prefect client reads from.
+
+    With SATSET_TEST_POSTGRES_URL set (always in CI): a server of its own on a fresh PostgreSQL database, the
+    server the README asks for when runs go at once. On the session's SQLite server, runs created by three pollers
+    at the same moment are refused (SQLITE_BUSY, answered 503) and Prefect's client waits 2 s, then 4 s, before it
+    asks again; once that starved one poller of every claim for a whole drain, so "all three took part" failed
+    although every order was processed exactly once. Without PostgreSQL: the session's server.
+    """
+    postgres = os.environ.get("SATSET_TEST_POSTGRES_URL", "").strip()
+    if not postgres:
+        yield str(prefect.settings.PREFECT_API_URL.value())
+        return
+    with contextmanager(fresh_database)(postgres) as url:
+        database = make_url(url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        server = PrefectServer(database_url=database, scheduler=False)
+        with server, prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+
+
 @pytest.fixture
 def creates(simulator: SimulatorSession) -> Iterator[CreateCounter]:
     counter = CreateCounter(simulator.running.platform).install()
@@ -110,7 +136,7 @@ def creates(simulator: SimulatorSession) -> Iterator[CreateCounter]:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_three_pollers_process_every_order_exactly_once(
-    prefect_server: None,
+    prefect_api_url: str,
     simulator: SimulatorSession,
     creates: CreateCounter,
     ris_url: str,
@@ -123,7 +149,7 @@ def test_three_pollers_process_every_order_exactly_once(
     for order in orders:
         ris.add_order(1, order)
 
-    api_url = str(prefect.settings.PREFECT_API_URL.value())
+    api_url = prefect_api_url
     start_file, ready_dir = tmp_path / "start", tmp_path / "ready"
     ready_dir.mkdir()
     env = _poller_env(simulator, api_url, tmp_path, ris_url, mode, start_file, ready_dir)
