@@ -146,9 +146,9 @@ class Receiver:
         """Empty what the last run received before the next one, keeping the files to be overwritten.
 
         Why not delete them: this machine's root filesystem is ext4 without a journal, where creating a file scans
-        past every inode deleted in the last hours (`recently_deleted` in the kernel's inode allocator). Deleting
-        the 2400 files of one run and creating them again in the next made that scan 60% of storescp's CPU and
-        doubled its time per instance (bench/RESULTS.md, "The receiver's filesystem"). A run sends the same
+        past every inode deleted in the last minutes (`recently_deleted` in the kernel's inode allocator). Deleting
+        the 2400 files of one run and creating them again in the next made that scan 60% of storescp's CPU and the
+        routing 1.8x slower (bench/RESULTS.md, "The receiver's filesystem"). A run sends the same
         instances again, so storescp opens the same names and overwrites them: no inode is allocated on the
         measured path, as on a router host with an ordinary (journalled) filesystem.
         """

@@ -1,7 +1,7 @@
 """The receiver's filesystem: what deleting the last run's files costs storescp (the router's stand-in).
 
 Every benchmark empties the receiver between runs. It used to delete the files; on this machine's root filesystem
-(ext4 without a journal) creating a file then scans past every inode deleted in the last hours (the kernel's
+(ext4 without a journal) creating a file then scans past every inode deleted in the last minutes (the kernel's
 `recently_deleted` check in its inode allocator), so storescp paid for the benchmark's own deletions on the
 measured path. `Receiver.clear` now empties the files instead and storescp overwrites them (a run sends the same
 instances again: same names). The kernel skips inodes deleted in the last 60 s (360 s while their inode table block
