@@ -156,17 +156,8 @@ class Receiver:
             os.truncate(path, 0)
 
     def received(self) -> list[Path]:
-        """The files written since the last `clear` (emptied ones left from earlier runs are not counted)."""
-        return sorted(path for path in self.directory.glob("*.dcm") if path.stat().st_size > 0)
-
-    def wait_for_files(self, count: int, timeout_s: float = 30.0) -> list[Path]:
-        """Poll until at least `count` files are written, the deadline passes or storescp stops; what is there."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            files = self.received()
-            if len(files) >= count or time.monotonic() > deadline or not self.scp.running:
-                return files
-            time.sleep(0.01)
+        """The files written since the last `clear` (StoreSCP.received_files leaves the emptied ones out)."""
+        return self.scp.received_files()
 
 
 @dataclass
@@ -343,7 +334,7 @@ def _signals_unwind() -> Iterator[None]:
 
 def verify_received(receiver: Receiver, expected: int, accession: str | None, *, timeout_s: float = 30.0) -> None:
     """Every instance arrived (as a file), and a sample carries the expected AccessionNumber."""
-    files = receiver.wait_for_files(expected, timeout_s=timeout_s)
+    files = receiver.scp.wait_for_files(expected, timeout_s=timeout_s)
     if len(files) != expected:
         raise BenchError(f"{receiver.label}: {len(files)} of {expected} instances arrived")
     if accession is not None:

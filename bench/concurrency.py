@@ -10,8 +10,8 @@ serve` runs them (the result storage named by deployments.serve.pin_result_stora
 server keeps its database in PostgreSQL when one is reachable (`bench.common.prefect_database`), as the README asks
 for concurrent runs: on SQLite, flow runs created at the same moment are refused (SQLITE_BUSY, 503) and Prefect's
 client retries them 2 s later.
-The other modes route as the gateway does: the read-ahead thread only for a study that starts while no other is
-routing in the process (clients.routing.ROUTINGS_IN_PROCESS), so one at a time has it and 8 at once mostly do not;
+The other modes route as the gateway does: the read-ahead thread only for a study transferred while no other study
+of the process is (clients.routing.TRANSFERS_IN_PROCESS), so one at a time has it and 8 at once mostly do not;
 `*_no_read_ahead` modes route without it at all, to measure what that thread costs in CPU. Throughput
 is instances per second; the ratio is concurrent throughput over sequential; CPU seconds per study are read from
 /proc for each process (gateway, storescp with its children, Orthanc, Prefect server). Doubling: 8 x 600 slices.

@@ -35,6 +35,7 @@ from bench.common import (
     verify_received,
     write_results,
 )
+from bench.concurrency import STUDIES
 from bench.methods import PATIENT_ID, new_accession, rotate
 from clients.pacs import PacsClient
 from clients.router import RouterClient
@@ -43,9 +44,6 @@ from stack.studies import StudySpec
 
 POLICIES = ["delete", "overwrite"]
 """How the receiver is emptied before a run: its files deleted (as before), or emptied and overwritten (now)."""
-
-
-STUDIES = 8
 
 
 def run(*, runs: int = 5, size: int = 300) -> dict[str, Any]:

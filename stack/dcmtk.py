@@ -203,8 +203,9 @@ class StoreSCP:
             return ""
 
     def received_files(self) -> list[Path]:
-        """The *.dcm files written so far, sorted by name."""
-        return sorted(self.output_dir.glob("*.dcm"))
+        """The *.dcm files written so far, sorted by name; empty ones (emptied for storescp to overwrite, as the
+        benchmarks' Receiver.clear does) are not counted."""
+        return sorted(path for path in self.output_dir.glob("*.dcm") if path.stat().st_size > 0)
 
     def wait_for_files(self, count: int, timeout_s: float = 30.0) -> list[Path]:
         """Poll until at least `count` files are there or the deadline passes; return what is there."""

@@ -26,7 +26,7 @@ def test_clear_keeps_the_files_and_the_next_run_overwrites_the_same_inodes(store
     sent = write_study(StudySpec(series=1, instances_per_series=3), study)
 
     assert storescu(storescp.host, storescp.port, [study], called_aet=storescp.aet).ok
-    first = receiver.wait_for_files(len(sent))
+    first = storescp.wait_for_files(len(sent))
     inodes = {path.name: path.stat().st_ino for path in first}
     assert len(first) == len(sent)
 
@@ -36,7 +36,7 @@ def test_clear_keeps_the_files_and_the_next_run_overwrites_the_same_inodes(store
     assert sorted(path.name for path in receiver.directory.glob("*.dcm")) == sorted(inodes)
 
     assert storescu(storescp.host, storescp.port, [study], called_aet=storescp.aet).ok
-    second = receiver.wait_for_files(len(sent))
+    second = storescp.wait_for_files(len(sent))
     assert {path.name: path.stat().st_ino for path in second} == inodes
     assert all(path.stat().st_size > 0 for path in second)
 
@@ -45,10 +45,10 @@ def test_only_files_written_since_the_clear_are_received(storescp: StoreSCP, tmp
     receiver = Receiver("test", storescp, "router-test")
     first, second = write_study(StudySpec(series=1, instances_per_series=2), tmp_path / "study")
     assert storescu(storescp.host, storescp.port, [first, second], called_aet=storescp.aet).ok
-    assert len(receiver.wait_for_files(2)) == 2
+    assert len(storescp.wait_for_files(2)) == 2
     receiver.clear()
 
     assert storescu(storescp.host, storescp.port, [second], called_aet=storescp.aet).ok
 
-    received = receiver.wait_for_files(2, timeout_s=0.5)  # only one is written: waits, then says so
+    received = storescp.wait_for_files(2, timeout_s=0.5)  # only one is written: waits, then says so
     assert [pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID for path in received] == [second.stem]
