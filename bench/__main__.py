@@ -36,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     everything = ["routing", "memory", "concurrency", "profile", "backlog", "overhead", "receiver"]
     chosen = everything if args.benchmark == "all" else [args.benchmark]
     with ExitStack() as exits, common._signals_unwind():
-        server = None
-        if any(name in chosen for name in ("routing", "memory", "concurrency", "overhead")):
-            common.log("bench: starting a Prefect server on 127.0.0.1")
-            server = PrefectServer()
-            server.start()
-            exits.callback(server.stop)
+        started: list[PrefectServer] = []
+
+        def shared_server() -> PrefectServer:
+            """The SQLite Prefect server routing, memory and overhead share, started when the first needs it."""
+            if not started:
+                common.log("bench: starting a Prefect server on 127.0.0.1")
+                started.append(exits.enter_context(PrefectServer()))
+            return started[0]
+
         for name in chosen:
             if name == "routing":
                 from bench import routing
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs=1 if args.quick else (args.runs or 5),
                     sizes=(300,) if args.quick else (300, 600),
                     large_pdu=not args.quick,
-                    prefect_server=server,
+                    prefect_server=shared_server(),
                 )
             elif name == "memory":
                 from bench import memory
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 memory.run(
                     runs=1 if args.quick else (args.runs or 3),
                     sizes=(2000,) if args.quick else (2000, 4000),
-                    prefect_server=server,
+                    prefect_server=shared_server(),
                 )
             elif name == "concurrency":
                 from bench import concurrency
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency.run(
                     runs=1 if args.quick else (args.runs or 3),
                     sizes=(300,) if args.quick else (300, 600),
-                    prefect_server=server,
+                    # On PostgreSQL it starts a server of its own; the shared one only if already running.
+                    prefect_server=started[0] if started else None,
                 )
             elif name == "profile":
                 from bench import profiling
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "overhead":
                 from bench import overhead
 
-                overhead.run(runs=2 if args.quick else (args.runs or 9), prefect_server=server)
+                overhead.run(runs=2 if args.quick else (args.runs or 9), prefect_server=shared_server())
             elif name == "receiver":
                 from bench import receiver
 

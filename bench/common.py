@@ -414,6 +414,19 @@ def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float:
     return used / _TICKS
 
 
+def machine_cpu_seconds(source: Path = Path("/proc/stat")) -> float:
+    """CPU time the whole machine has spent busy, summed over its cores (from /proc/stat).
+
+    Why beside the per-process meters: the kernel does part of the routing's work outside any process's own
+    time (loopback TCP in softirq context, writing back what the receiver wrote), and the benchmark's other
+    processes use the cores too. Busy = user + nice + system + irq + softirq; idle, iowait and steal (time the
+    hypervisor gave to someone else) are not, and guest time is already inside user and nice.
+    """
+    fields = [int(value) for value in source.read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / _TICKS
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of `pid` (from /proc/<pid>/task/*/children)."""
     found: list[int] = []
