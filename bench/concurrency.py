@@ -12,9 +12,13 @@ for concurrent runs: on SQLite, flow runs created at the same moment are refused
 client retries them 2 s later.
 The other modes route as the gateway does: the read-ahead thread only for a study transferred while no other study
 of the process is (clients.routing.TRANSFERS_IN_PROCESS), so one at a time has it and 8 at once mostly do not;
-`*_no_read_ahead` modes route without it at all, to measure what that thread costs in CPU. Throughput
+`*_no_read_ahead` modes route without it at all, to measure what that thread costs in CPU. `processes_N`: the 8
+studies spread over N warm worker processes, one study at a time each, so no GIL is shared between studies (as
+`satset serve --limit N` runs flow runs, without Prefect's start-up). Throughput
 is instances per second; the ratio is concurrent throughput over sequential; CPU seconds per study are read from
-/proc for each process (gateway, storescp with its children, Orthanc, Prefect server). Doubling: 8 x 600 slices.
+/proc for each process (gateway with its worker processes, storescp with its children, Orthanc, Prefect server)
+and for the whole machine (every core's busy time, the kernel's work outside any process included). Doubling:
+8 x 600 slices.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from contextlib import ExitStack
 from typing import Any
 
 from bench.common import (
+    ORTHANC_PASSWORD,
+    ORTHANC_USER,
     ROUTER_AET,
     Stack,
     cpu_seconds,
@@ -58,6 +64,8 @@ STUDIES = 8
 CAPS = (1, 2, 4, 8)
 TARGET = 1.5
 CORES = os.cpu_count() or 2
+PROCESSES = (2, 4)
+"""Routing worker processes for the `processes_N` modes (see `_RoutingProcesses`)."""
 NO_READ_AHEAD = "_no_read_ahead"
 """Modes ending so route each study without the read-ahead thread (read_ahead=0): its CPU cost, measured."""
 
@@ -76,12 +84,13 @@ def run(
         exits.callback(timer.uninstall)
         flow = FlowRunner(st, timer)
         exits.callback(flow.close)
+        pools = {n: exits.enter_context(_RoutingProcesses(st, n)) for n in PROCESSES}
         for size in sizes:
             log(f"concurrency: uploading {STUDIES} studies of {size} instances")
             uids = [
                 st.upload(StudySpec(series=1, instances_per_series=size, rows=512, columns=512)) for _ in range(STUDIES)
             ]
-            results["sizes"][str(size)] = _measure(st, flow, uids, size, runs)
+            results["sizes"][str(size)] = _measure(st, flow, pools, uids, size, runs)
             st.orthanc.delete_all()
     results["load_at_end"] = load()
     write_results("concurrency", results)
@@ -89,34 +98,42 @@ def run(
     return results
 
 
-def _measure(st: Stack, flow: FlowRunner, uids: list[str], size: int, runs: int) -> dict[str, Any]:
-    receiver = st.receivers["fork"]
-    total = len(uids) * size
+def _measure(
+    st: Stack, flow: FlowRunner, pools: dict[int, _RoutingProcesses], uids: list[str], size: int, runs: int
+) -> dict[str, Any]:
     modes = (
         ["sequential", "sequential_no_read_ahead"]
         + [f"threads_cap{cap}" for cap in CAPS]
-        + ["threads_cap4_no_read_ahead", "flows_sequential", "flows_concurrent_cap4"]
+        + ["threads_cap4_no_read_ahead"]
+        + [f"processes_{n}" for n in PROCESSES]
+        + ["flows_sequential", "flows_concurrent_cap4"]
     )
 
     cpu_by_mode: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     meters = _cpu_meters(st)
+    receiver = st.receivers["fork"]
+    total = len(uids) * size
 
     def one(mode: str) -> float:
         receiver.clear()
         _reset_caps()
         before = {name: meter() for name, meter in meters.items()}
-        elapsed = _run_mode(mode)
+        elapsed, elsewhere = _run_mode(mode)
         # This process and the machine are read when the routing ends, before the check below lists and stats the
         # receiver's 2400 files (which would count as the gateway's CPU); the receiver's forked children, reaped
         # by storescp a little later, are read after it.
         used = {name: meters[name]() - before[name] for name in AT_RUN_END}
+        used["gateway"] += elsewhere
         verify_received(receiver, total, None, timeout_s=60)
         used |= {name: meter() - before[name] for name, meter in meters.items() if name not in AT_RUN_END}
         cpu_by_mode[mode].append(used)
         return elapsed
 
-    def _run_mode(mode: str) -> float:
+    def _run_mode(mode: str) -> tuple[float, float]:
+        """The mode's wall time, and the CPU seconds the gateway used in other processes (its routing workers)."""
         read_ahead = 0 if mode.endswith(NO_READ_AHEAD) else READ_AHEAD
+        if mode.startswith("processes_"):
+            return pools[int(mode.removeprefix("processes_"))].route(uids)
         if mode.startswith("sequential"):
             elapsed = _threads(st, uids, workers=1, cap=4, read_ahead=read_ahead)
         elif mode.startswith("threads_cap"):
@@ -128,10 +145,10 @@ def _measure(st: Stack, flow: FlowRunner, uids: list[str], size: int, runs: int)
             flow.use("fork")
             concurrent = mode == "flows_concurrent_cap4"
             elapsed = _flows(flow, uids, concurrent=concurrent)
-        return elapsed
+        return elapsed, 0.0
 
     log(f"concurrency: {size} instances x {len(uids)}: warm-up")
-    for mode in ("threads_cap4", "flows_concurrent_cap4"):
+    for mode in ("threads_cap4", "flows_concurrent_cap4", *(f"processes_{n}" for n in PROCESSES)):
         receiver.clear()
         _reset_caps()
         _run_mode(mode)
@@ -143,7 +160,9 @@ def _measure(st: Stack, flow: FlowRunner, uids: list[str], size: int, runs: int)
     stats = {mode: summary(values) for mode, values in samples.items()}
     throughput = {mode: round(total / s["median"], 1) for mode, s in stats.items()}
     speedups = {
-        mode: ratio(stats["sequential"], stats[mode]) for mode in modes if mode.startswith(("threads", "sequential"))
+        mode: ratio(stats["sequential"], stats[mode])
+        for mode in modes
+        if mode.startswith(("threads", "sequential", "processes"))
     }
     speedups["flows_concurrent_cap4"] = ratio(stats["flows_sequential"], stats["flows_concurrent_cap4"])
     per_study = {
@@ -213,7 +232,7 @@ def _threads(st: Stack, uids: list[str], *, workers: int, cap: int, read_ahead: 
     def route(uid: str) -> None:
         pacs = getattr(local, "pacs", None)
         if pacs is None:
-            pacs = local.pacs = PacsClient(st.orthanc.dicomweb_url, username="bench", password="bench-password")
+            pacs = local.pacs = PacsClient(st.orthanc.dicomweb_url, username=ORTHANC_USER, password=ORTHANC_PASSWORD)
         router = RouterClient(scp.host, scp.port, ROUTER_AET, max_associations=cap)
         report = route_study(
             pacs,
@@ -230,6 +249,64 @@ def _threads(st: Stack, uids: list[str], *, workers: int, cap: int, read_ahead: 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-route") as pool:
         list(pool.map(route, uids))
     return time.perf_counter() - started
+
+
+class _RoutingProcesses:
+    """N worker processes, each routing one study at a time (8 studies, N at once): no GIL shared between studies.
+
+    Why measure it: in one process the studies' threads share one GIL, and 10-14% of the machine stays idle however
+    many studies go at once (bench/RESULTS.md item 3). Separate processes are how `satset serve --limit N` runs
+    flow runs (without Prefect's start-up here: the workers are started and warmed before the runs). Each worker is
+    alone in its process, so it routes with the read-ahead thread, as a served flow run would. The association cap
+    is N (one association per process)."""
+
+    def __init__(self, st: Stack, workers: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        scp = st.receivers["fork"].scp
+        self._target = (st.orthanc.dicomweb_url, scp.host, scp.port)
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        # One warm-up task per worker, each long enough that the pool starts them all: imports happen here.
+        list(self._pool.map(_warm_routing_worker, [0.5] * workers))
+
+    def route(self, uids: list[str]) -> tuple[float, float]:
+        """Route the studies; the wall time and the CPU seconds the workers used for them."""
+        started = time.perf_counter()
+        used = sum(self._pool.map(_route_in_worker, [(*self._target, uid) for uid in uids]))
+        return time.perf_counter() - started, used
+
+    def __enter__(self) -> _RoutingProcesses:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_worker_pacs: PacsClient | None = None
+
+
+def _warm_routing_worker(hold_s: float) -> None:
+    time.sleep(hold_s)
+
+
+def _route_in_worker(target: tuple[str, str, int, str]) -> float:
+    """Route one study in a worker process; returns the CPU seconds it took (all of the process's threads)."""
+    global _worker_pacs
+    url, host, port, uid = target
+    cpu_before = time.process_time()
+    if _worker_pacs is None:
+        _worker_pacs = PacsClient(url, username=ORTHANC_USER, password=ORTHANC_PASSWORD)
+    report = route_study(
+        _worker_pacs,
+        RouterClient(host, port, ROUTER_AET),
+        study_instance_uid=uid,
+        accession_number=new_accession(),
+        patient_id=PATIENT_ID,
+    )
+    if not report.outcome.complete:
+        raise RuntimeError(report.outcome.describe())
+    return time.process_time() - cpu_before
 
 
 def _flows(flow: FlowRunner, uids: list[str], *, concurrent: bool) -> float:
