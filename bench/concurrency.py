@@ -169,8 +169,8 @@ def _measure(
         mode: {name: round(statistics.median(v[name] for v in values) / len(uids), 3) for name in meters}
         for mode, values in cpu_by_mode.items()
     }
-    machine_cpu = {mode: values.pop(MACHINE) for mode, values in per_study.items()}
-    cpu = per_study  # the processes' own, without the machine-wide figure
+    machine_cpu = {mode: values[MACHINE] for mode, values in per_study.items()}
+    cpu = {mode: {name: v for name, v in values.items() if name != MACHINE} for mode, values in per_study.items()}
     sequential_per_study = stats["sequential"]["median"] / len(uids)
     bound_modes = ("sequential", "threads_cap4", "threads_cap4_no_read_ahead")
     bounds = {mode: round(sequential_per_study / (sum(cpu[mode].values()) / CORES), 2) for mode in bound_modes}
