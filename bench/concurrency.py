@@ -33,8 +33,6 @@ from contextlib import ExitStack
 from typing import Any
 
 from bench.common import (
-    ORTHANC_PASSWORD,
-    ORTHANC_USER,
     ROUTER_AET,
     Stack,
     cpu_seconds,
@@ -52,11 +50,11 @@ from bench.common import (
     verify_received,
     write_results,
 )
-from bench.methods import PATIENT_ID, FlowRunner, RouteTimer, new_accession, rotate
+from bench.methods import PATIENT_ID, FlowRunner, RouteTimer, bench_pacs, new_accession, rotate, route_confirmed
 from clients import router as router_module
 from clients.pacs import PacsClient
 from clients.router import RouterClient
-from clients.routing import READ_AHEAD, route_study
+from clients.routing import READ_AHEAD
 from stack.prefect_server import PrefectServer
 from stack.studies import StudySpec
 
@@ -232,18 +230,9 @@ def _threads(st: Stack, uids: list[str], *, workers: int, cap: int, read_ahead: 
     def route(uid: str) -> None:
         pacs = getattr(local, "pacs", None)
         if pacs is None:
-            pacs = local.pacs = PacsClient(st.orthanc.dicomweb_url, username=ORTHANC_USER, password=ORTHANC_PASSWORD)
+            pacs = local.pacs = bench_pacs(st.orthanc.dicomweb_url)
         router = RouterClient(scp.host, scp.port, ROUTER_AET, max_associations=cap)
-        report = route_study(
-            pacs,
-            router,
-            study_instance_uid=uid,
-            accession_number=new_accession(),
-            patient_id=PATIENT_ID,
-            read_ahead=read_ahead,
-        )
-        if not report.outcome.complete:
-            raise RuntimeError(report.outcome.describe())
+        route_confirmed(pacs, router, uid, read_ahead=read_ahead)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench-route") as pool:
@@ -296,16 +285,8 @@ def _route_in_worker(target: tuple[str, str, int, str]) -> float:
     url, host, port, uid = target
     cpu_before = time.process_time()
     if _worker_pacs is None:
-        _worker_pacs = PacsClient(url, username=ORTHANC_USER, password=ORTHANC_PASSWORD)
-    report = route_study(
-        _worker_pacs,
-        RouterClient(host, port, ROUTER_AET),
-        study_instance_uid=uid,
-        accession_number=new_accession(),
-        patient_id=PATIENT_ID,
-    )
-    if not report.outcome.complete:
-        raise RuntimeError(report.outcome.describe())
+        _worker_pacs = bench_pacs(url)
+    route_confirmed(_worker_pacs, RouterClient(host, port, ROUTER_AET), uid)
     return time.process_time() - cpu_before
 
 

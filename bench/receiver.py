@@ -36,10 +36,8 @@ from bench.common import (
     write_results,
 )
 from bench.concurrency import STUDIES
-from bench.methods import PATIENT_ID, new_accession, rotate
-from clients.pacs import PacsClient
+from bench.methods import bench_pacs, rotate, route_confirmed
 from clients.router import RouterClient
-from clients.routing import route_study
 from stack.studies import StudySpec
 
 POLICIES = ["delete", "overwrite"]
@@ -63,16 +61,12 @@ def run(*, runs: int = 5, size: int = 300) -> dict[str, Any]:
         uids = [
             st.upload(StudySpec(series=1, instances_per_series=size, rows=512, columns=512)) for _ in range(STUDIES)
         ]
-        pacs = PacsClient(st.orthanc.dicomweb_url, username="bench", password="bench-password")
+        pacs = bench_pacs(st.orthanc.dicomweb_url)
         router = RouterClient(receiver.scp.host, receiver.scp.port, ROUTER_AET)
 
         def route_all() -> None:
             for uid in uids:
-                report = route_study(
-                    pacs, router, study_instance_uid=uid, accession_number=new_accession(), patient_id=PATIENT_ID
-                )
-                if not report.outcome.complete:
-                    raise RuntimeError(report.outcome.describe())
+                route_confirmed(pacs, router, uid)
 
         def once(policy: str) -> tuple[float, float]:
             _empty(receiver, policy)
