@@ -178,9 +178,11 @@ async def test_one_poll_runs_several_orders_at_once_and_one_failure_stops_none(
     missing = missing_study_body()
     for sent in (good[0], missing, good[1], good[2]):
         ris.add_order(4, sent)
-    # Slow platform calls make each batch last seconds, longer than the ~2 s by which the test Prefect server
-    # (SQLite) staggers subflow starts when their task-run inserts collide ("database is locked", client retry).
-    gateway.simulator.running.platform.faults.latency_s = 0.5
+    # Slow platform calls make each batch last longer than the test Prefect server (SQLite) can stagger subflow
+    # starts when their inserts collide ("database is locked", answered 503): Prefect's client retries after 2 s,
+    # then 4 s. With 0.5 s per call (a batch of about 6 s) a loaded CI machine once started the three batches 7.5 s
+    # apart, one after another; 1.5 s per call makes a batch last about 15 s.
+    gateway.simulator.running.platform.faults.latency_s = 1.5
 
     summary = await poll_ris(concurrency=3)
 
