@@ -17,6 +17,13 @@ What it copies from the router (shared/research/satusehat.md §3, observed_contr
   `_sort=-_lastUpdated&_count=1`) → none, or a subject that is not "Patient/<id>" → skipped ("ServiceRequest not
   found"); then the ImagingStudy is built from *this association's* instances only and replaces the newest one
   with that ACSN (PUT, same id) or is created (POST). There is no retry, as in production.
+* The build is the router's (simulator/imaging.py): a later instance its FHIR library refuses (no
+  InstanceNumber, a negative one, a new series without SeriesNumber or Modality) ends the build there, and the
+  partial ImagingStudy is posted all the same ("router.build_stopped" event, then "router.imagingstudy" with
+  `partial`); a `started` without a zone (StudyTime absent, empty or shorter than hhmmss) is posted as is and
+  refused by the platform's date rules ("router.failed"), so no ImagingStudy appears, as in production.
+* The POST/PUT goes through Platform.create / Platform.update with the JSON text the router would send, the same
+  path and rules as an external `POST /fhir-r4/v1/ImagingStudy`: the emulation never bypasses validation.
 * The platform sees it `router_delay_s` after the release, from a worker thread: the gateway must poll, as in
   production. Processing is serial (one worker), which avoids the router's create/create race on one ACSN.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import socket
 import threading
@@ -114,7 +122,7 @@ class _Platform(Protocol):
     store: Store
     faults: Faults
 
-    def create(self, resource: dict[str, Any]) -> dict[str, Any]: ...
+    def create(self, resource: Any, resource_type: str | None = None) -> dict[str, Any]: ...
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -417,7 +425,7 @@ class RouterEmulator:
                 continue
             imaging_study_id = existing[0]["id"] if existing else None
             try:
-                body = build_imaging_study(
+                built = build_imaging_study(
                     headers,
                     service_request_id=service_request["id"],
                     subject_reference=subject,
@@ -427,9 +435,23 @@ class RouterEmulator:
             except ImagingStudyBuildError as exc:
                 self._log("router.failed", reason=f"Failed to create ImagingStudy: {exc}", tag=exc.tag, **where)
                 continue
+            if built.stopped is not None:
+                # process_dicom_2_fhir prints the error and returns the study built so far; the router POSTs it.
+                self._log(
+                    "router.build_stopped",
+                    reason=str(built.stopped),
+                    tag=built.stopped.tag,
+                    sop_instance_uid=built.stopped.sop_instance_uid,
+                    instances=built.study["numberOfInstances"],
+                    received=len(headers),
+                    **where,
+                )
+            # What goes over the wire: JSON text, parsed by the platform as an external POST/PUT body is, through
+            # the same Platform.create / Platform.update (and so the same rules) as the HTTP routes.
+            body = json.loads(json.dumps(built.study))
             try:
                 if imaging_study_id is None:
-                    saved = self.platform.create(body)
+                    saved = self.platform.create(body, "ImagingStudy")
                 else:
                     saved = self.platform.update("ImagingStudy", imaging_study_id, body)
             except Exception as exc:
@@ -451,6 +473,7 @@ class RouterEmulator:
                 service_request=service_request["id"],
                 series=body["numberOfSeries"],
                 instances=body["numberOfInstances"],
+                partial=built.stopped is not None,
                 **where,
             )
 
