@@ -743,6 +743,39 @@ def test_the_platform_rules_judge_the_routers_imagingstudy(sim: Sim) -> None:
 
 
 @integration
+def test_an_acsn_with_a_comma_is_not_found_by_the_routers_raw_search(sim: Sim) -> None:
+    """The router's `identifier=<acsn system>%7CR,1` is `R` OR `1`: the order holding `R,1` is never found."""
+    sim.add_service_request("R,1")
+    send_pynetdicom(sim.port, study("R,1", series=1, per_series=1))
+    sim.wait()
+    assert sim.store.all("ImagingStudy") == []
+    [skipped] = sim.events("router.skipped")
+    assert (skipped["reason"], skipped["accession"]) == ("ServiceRequest not found", "R,1")
+
+
+@integration
+def test_an_acsn_with_a_comma_links_the_order_of_one_of_its_pieces(sim: Sim) -> None:
+    """With an order for `Q` on file, the raw search for `Q,2` finds it: the ImagingStudy of `Q,2` is based on
+    the wrong order, as the router would post it in production."""
+    other = sim.add_service_request("Q")
+    send_pynetdicom(sim.port, study("Q,2", series=1, per_series=1))
+    sim.wait()
+    [found] = sim.store.all("ImagingStudy")
+    assert found["identifier"][0]["value"] == "Q,2"
+    assert found["basedOn"] == [{"reference": f"ServiceRequest/{other['id']}"}]
+
+
+@integration
+def test_an_acsn_with_a_dollar_is_found_by_the_routers_raw_search(sim: Sim) -> None:
+    order = sim.add_service_request("D$1")
+    sent = study("D$1", series=1, per_series=2)
+    send_pynetdicom(sim.port, sent)
+    sim.wait()
+    [found] = sim.imaging_studies("D$1")
+    assert_matches(found, sent, order)
+
+
+@integration
 def test_a_wrong_called_ae_title_is_rejected(sim: Sim) -> None:
     sim.add_service_request("ACC0010")
     result = send_pynetdicom(sim.port, study("ACC0010", series=1, per_series=1), called_aet="NOTTHEROUTER")
