@@ -706,6 +706,19 @@ def test_study_time_decides_whether_the_imagingstudy_appears(
 
 
 @integration
+def test_a_short_series_time_is_refused_too(sim: Sim) -> None:
+    """SeriesTime `1015` → the series' zone-less midnight: the platform refuses the ImagingStudy there as well."""
+    sim.add_service_request("ACC-STIME")
+    sent = study("ACC-STIME", series=1, per_series=1)
+    sent[0].SeriesTime = "1015"
+    send_pynetdicom(sim.port, sent)
+    sim.wait()
+    assert sim.imaging_studies("ACC-STIME") == []
+    [failed] = sim.events("router.failed")
+    assert ["ImagingStudy.series[0].started"] in [issue["expression"] for issue in failed["outcome"]["issue"]]
+
+
+@integration
 def test_the_routers_post_meets_the_same_validation_as_an_external_post(sim: Sim) -> None:
     """The emulation's refusal equals what `POST /fhir-r4/v1/ImagingStudy` answers the router's own body."""
     order = sim.add_service_request("ACC-SAME")
