@@ -123,6 +123,8 @@ async def _create_or_revise(resource: dict[str, Any]) -> dict[str, Any]:
     system, _ = fhir.lookup_identifier(resource, settings.ss_org_id)
     outcome = await call(runtime.satusehat().create_or_revise, resource, system)
     posted: dict[str, Any] = {"id": outcome.id, "action": outcome.action}
+    if not outcome.changed:  # the run's Logs tab says what each step did; ids only, never clinical values
+        _logger().info("%s/%s %s", outcome.resource_type, outcome.id, outcome.action)
     if outcome.changed:
         posted.update(changed=list(outcome.changed), previous_version=outcome.previous_version)
         _logger().info(
