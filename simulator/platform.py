@@ -14,6 +14,7 @@ from typing import Any
 from simulator import rules, search
 from simulator.config import SimulatorConfig
 from simulator.faults import Faults
+from simulator.registry import Registry
 from simulator.rules import Rule, Violation
 from simulator.store import Store
 
@@ -51,6 +52,7 @@ class Platform:
         self.config = config
         self.store = store
         self.faults = faults or Faults()
+        self.registry = Registry.seeded(config.org_id, list(config.registry_files))
         self._clock = clock
         # Duplicate check and insert must be one step, or two racing POSTs both get through.
         self._write_lock = threading.Lock()
@@ -122,15 +124,16 @@ class Platform:
             raise OutcomeError.single(400, rules.UNSUPPORTED_TYPE, resource_type, resource=resource_type)
 
     def _validate(self, resource_type: str, body: dict[str, Any]) -> None:
-        violations = rules.check_structure(resource_type, body)
-        if violations:  # the business rules assume a well-formed resource
-            raise OutcomeError(400, violations)
-        violations = rules.check_rules(resource_type, body, self.config.org_id, self._clock(), self.config.clock_skew_s)
-        for path, kind, ident in rules.local_references(resource_type, body):
-            if not self.store.exists(kind, ident):
-                violations.append(
-                    Violation(rules.NOT_FOUND, path, rules.NOT_FOUND.text.format(reference=f"{kind}/{ident}"))
-                )
+        """The catalogue's rules (simulator/catalogue.py), applied by simulator.rules."""
+        context = rules.Context(
+            org_id=self.config.org_id,
+            now=self._clock(),
+            clock_skew_s=self.config.clock_skew_s,
+            registry=self.registry,
+            read=self.store.read,
+            strict_undocumented=self.config.strict_undocumented,
+        )
+        violations = rules.check(resource_type, body, context)
         if violations:
             raise OutcomeError(400, violations)
 
