@@ -20,7 +20,7 @@ from simulator.platform import Platform
 from simulator.search import SearchError, Token, parse, parse_token, split_or, unescape
 from simulator.store import Store
 
-ORG = "ORGSRCH01"
+ORG = "100099001"
 ACSN_SYSTEM = f"http://sys-ids.kemkes.go.id/acsn/{ORG}"
 
 
@@ -114,7 +114,7 @@ def test_the_routers_query_for_a_plain_acsn_answers_a_searchset_as_the_platform(
     api.imaging_study("ACC0002")
     response = api.get(router_query("ACC0001"))
     assert response.status_code == 200
-    assert "identifier=http://sys-ids.kemkes.go.id/acsn/ORGSRCH01%7CACC0001&" in str(response.request.url)
+    assert "identifier=http://sys-ids.kemkes.go.id/acsn/100099001%7CACC0001&" in str(response.request.url)
     bundle = response.json()
     assert (bundle["resourceType"], bundle["type"], bundle["total"]) == ("Bundle", "searchset", 2)
     [entry] = bundle["entry"]  # _count=1
