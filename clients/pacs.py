@@ -232,6 +232,14 @@ class PacsClient:
             )
         return next(iter(unique.values()))
 
+    def ping(self) -> int:
+        """One QIDO-RS search for any study (limit 1): proves the URL, the login and DICOMweb in one round trip;
+        returns how many studies the answer held (0 or 1). For `satset check`."""
+        answers = self._call(
+            "a search for any study", lambda: self._dicomweb.search_for_studies(limit=1), not_found=None
+        )
+        return len(answers)
+
     def list_instances(self, study_instance_uid: str) -> list[InstanceRef]:
         """Every instance of the study, from QIDO-RS (no pixel data). Raises StudyNotFound if there is none.
 

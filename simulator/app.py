@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from simulator import rules
 from simulator.faults import HttpFault, RouterFault
 from simulator.platform import OutcomeError, Platform
+from simulator.search import SearchError
 
 FHIR_PREFIX = "/fhir-r4/v1"
 AUTH_PREFIX = "/oauth2/v1"
@@ -112,9 +113,14 @@ def create_app(platform: Platform) -> FastAPI:
     async def search(resource_type: str, request: Request) -> Response:
         if (denied := _check_token(request)) is not None:
             return denied
+        # Starlette decodes the query once (%7C → |, %2C → ,): FHIR's own escaping (\, \$ \|) is left for
+        # simulator/search.py, so the router's raw `identifier=<system>%7C<ACSN>` reads as the platform reads it.
         params = list(request.query_params.multi_items())
         base = str(request.base_url).rstrip("/") + FHIR_PREFIX
-        return _run(lambda: platform.search(resource_type, params, base), 200)
+        try:
+            return _run(lambda: platform.search(resource_type, params, base), 200)
+        except SearchError as error:
+            return _outcome(400, "error", "invalid", f"{error}")
 
     # --- STOW, as the official router sends it -------------------------------------------------------------
 
