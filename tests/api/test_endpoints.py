@@ -87,7 +87,15 @@ async def test_batch4_end_to_end(gateway: Gateway, upload_study: UploadStudy, hi
     assert answer.status_code == 200, answer.text
     result = answer.json()
     assert set(result) == {*BATCH3_KEYS, "dicom_process"}
-    assert set(result["dicom_process"]) == {"status", "study_uid", "router"}
+    assert set(result["dicom_process"]) == {
+        "status",
+        "study_uid",
+        "total_instance",
+        "sent_instance",
+        "patient_modified",
+        "accession_modified",
+        "router",
+    }
     assert result["dicom_process"]["status"] == "success"
     assert result["dicom_process"]["study_uid"] == study.study_instance_uid
     assert gateway.counts() == dict.fromkeys(RESOURCES, 1)
