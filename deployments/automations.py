@@ -9,8 +9,8 @@
 hand is deleted), so running `satset alerts install` again after an upgrade or with another block changes the
 installed automations instead of adding more. The action is a notification block the hospital chooses: a generic
 webhook made from a URL here, or any block it made itself in the Prefect UI (Slack, Microsoft Teams, email via
-SendGrid, Telegram through a Custom Webhook, ...). Needs the Prefect server's triggers and actions services
-(on by default: PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED, PREFECT_SERVER_SERVICES_ACTIONS_ENABLED).
+SendGrid, Telegram through a Custom Webhook, ...). Needs the Prefect server's triggers service, which also runs
+the actions (on by default; PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED=false would silence every alert).
 """
 
 from __future__ import annotations
