@@ -15,6 +15,7 @@ from deployments.automations import (
     gateway_automations,
     install_alerts,
     installed_alerts,
+    parse_block_reference,
     remove_alerts,
     save_webhook_block,
 )
@@ -56,6 +57,12 @@ def install(
     if (webhook_url is None) == (block is None):
         _fail("give exactly one of --webhook-url URL and --block SLUG/NAME")
     try:
+        if block is not None:
+            parse_block_reference(block)
+    except AlertsError as error:
+        _fail(str(error))
+    _require_api_url()
+    try:
         with get_client(sync_client=True) as client:
             if webhook_url is not None:
                 block_id = save_webhook_block(webhook_url)
@@ -77,6 +84,7 @@ def list_() -> None:
     """The gateway's automations on this Prefect server."""
     from prefect.client.orchestration import get_client
 
+    _require_api_url()
     try:
         with get_client(sync_client=True) as client:
             found = installed_alerts(client)
@@ -93,6 +101,7 @@ def remove() -> None:
     """Delete the gateway's automations (the notification block stays)."""
     from prefect.client.orchestration import get_client
 
+    _require_api_url()
     try:
         with get_client(sync_client=True) as client:
             removed = remove_alerts(client)
@@ -100,6 +109,14 @@ def remove() -> None:
         _fail(f"the Prefect API at PREFECT_API_URL could not be used: {type(error).__name__}: {error}")
     for name in removed:
         typer.echo(f"removed  {name}")
+
+
+def _require_api_url() -> None:
+    """Automations live on the server the gateway runs against: never on a temporary one Prefect would start."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        _fail("PREFECT_API_URL is not set: the alerts are installed on the Prefect server the gateway uses")
 
 
 def _fail(message: str) -> NoReturn:

@@ -165,13 +165,19 @@ def save_webhook_block(url: str, name: str = DEFAULT_BLOCK_NAME) -> UUID:
     return block.save(name, overwrite=True)  # type: ignore[no-any-return]
 
 
+def parse_block_reference(reference: str) -> tuple[str, str]:
+    """ "slack-webhook/radiology" -> ("slack-webhook", "radiology"), or AlertsError saying the expected form."""
+    slug, _, name = reference.partition("/")
+    if not slug or not name:
+        raise AlertsError(f"--block {reference!r}: expected <block type slug>/<name>, e.g. slack-webhook/radiology")
+    return slug, name
+
+
 def find_notification_block(client: SyncPrefectClient, reference: str) -> UUID:
     """The id of an existing block given as "<block type slug>/<name>" (as the UI shows it); it must notify."""
     from prefect.exceptions import ObjectNotFound
 
-    slug, _, name = reference.partition("/")
-    if not slug or not name:
-        raise AlertsError(f"--block {reference!r}: expected <block type slug>/<name>, e.g. slack-webhook/radiology")
+    slug, name = parse_block_reference(reference)
     try:
         document = client.read_block_document_by_name(name, slug, include_secrets=False)
     except ObjectNotFound:
