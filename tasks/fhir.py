@@ -41,6 +41,7 @@ from models.inputs import (
     ServiceRequestInput,
 )
 from tasks import runtime
+from tasks.events import HalfwayAlarm
 from tasks.retry import FHIR_RETRIES, FHIR_RETRY_DELAYS_S, JITTER, honour_retry_after, retry_when_retryable
 
 T = TypeVar("T")
@@ -241,6 +242,7 @@ async def wait_for_imaging_study(
     deadline = time.monotonic() + deadline_s
     seen_any = False
     last_problem = "no ImagingStudy yet"
+    halfway = HalfwayAlarm(accession_number, deadline_s)  # an alert (satset alerts) past half the wait
     while True:
         try:
             found = await in_thread(client.find_by_identifier, "ImagingStudy", system, accession_number)
@@ -257,6 +259,7 @@ async def wait_for_imaging_study(
             if chosen["instances"] >= expected_instances or accept_incomplete:
                 return chosen
             last_problem = f"the ImagingStudy lists {chosen['instances']} of {expected_instances} instances sent"
+        halfway.check(last_problem)
         if time.monotonic() + delay > deadline:
             break
         await asyncio.sleep(delay)
