@@ -16,32 +16,9 @@ from api.app import create_app, redact_query
 from api.auth import ApiConfigError
 from api.runs import Finished, FlowBackend
 from models.settings import ApiSettings
-from tests.api.conftest import API_KEY, BASIC_PASSWORD, BASIC_USER, PATIENT_NAME, api_settings
+from tests.api.conftest import API_KEY, BASIC_PASSWORD, BASIC_USER, BATCH3, DATED, PATIENT_NAME, api_settings
 
 pytestmark = pytest.mark.anyio
-
-BATCH3 = {
-    "identifier_value": "RG2023I0000175",
-    "subject_id": "P10443013727",
-    "individual_id": "10016869420",
-    "period_start": "2025-08-01T05:57:41+00:00",
-    "noacsn": "ACC20250002",
-    "performer_id": "10000504193",
-    "performer_value": "Tak tampak bercak",
-    "conclusion_text": "Normal",
-}
-LINKS = {"encounter_id": "e-1", "service_request_id": "s-1", "imaging_study_id": "i-1", "observation_id": "o-1"}
-DATED = {
-    "/api/satset/encounter": BATCH3,
-    "/api/satset/service-req": {**BATCH3, **LINKS, "requester_reference": "Practitioner/10016869420"},
-    "/api/satset/observation": {**BATCH3, **LINKS},
-    "/api/satset/conclusion": {**BATCH3, **LINKS},
-    "/api/satset/batch1": BATCH3,
-    "/api/satset/batch2": {**BATCH3, **LINKS},
-    "/api/satset/batch3": BATCH3,
-    "/api/satset/batch4": {**BATCH3, "study": "1.2.826.0.1.3680043.8.498.1"},
-}
-"""Every endpoint whose body has a date, with a body that is valid but for what a test changes."""
 
 OVERFLOWING = ["0001-01-01T00:00:00", "9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00"]
 
