@@ -5,6 +5,7 @@ headers, and a Basic user no one could log in as. No real part is needed: nothin
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 from uuid import uuid4
 
@@ -230,7 +231,7 @@ def test_satset_run_says_it_in_one_line(value: str, tmp_path: Any, monkeypatch: 
         monkeypatch.setenv(name, setting)
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "order.json"
-    params.write_text(__import__("json").dumps({**BATCH3, "period_start": value}))
+    params.write_text(json.dumps({**BATCH3, "period_start": value}))
     command = typer.Typer()
     command.command()(run)
 
@@ -240,3 +241,21 @@ def test_satset_run_says_it_in_one_line(value: str, tmp_path: Any, monkeypatch: 
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[0] == "error: invalid input:" and len(lines) == 2 and lines[1].strip().startswith("period_start:")
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00", "9999-12-31T23:59:59-12:00"])
+def test_satset_orders_add_says_it_in_one_line(value: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`satset orders add` with such a date: the order is refused in one line naming the field, no traceback."""
+    from cli.orders_cmd import app as orders
+
+    monkeypatch.setenv("RIS_DATABASE_URL", f"sqlite:///{tmp_path / 'ris.db'}")
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "order.json"
+    params.write_text(json.dumps({**BATCH3, "period_start": value}))
+
+    result = CliRunner().invoke(orders, ["add", "--batch", "1", "--params", str(params)])
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "OverflowError" not in result.output
+    assert "period_start" in result.output and "out of range" in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) <= 3, result.output
