@@ -220,7 +220,11 @@ async def post_conclusion(payload: DiagnosticReportInput, request: Request, mode
 def _batch_responses(result: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {
         200: {"model": result, "description": "Every resource created (or adopted)"},
-        400: {"model": schemas.BatchFailure, "description": "A step failed: the platform's status, or 502"},
+        400: {
+            "model": schemas.BatchFailure,
+            "description": "A step failed: the platform's own 4xx; 404 no such study or no ImagingStudy (yet); "
+            "409 an ACSN of several studies; 502 an upstream failure",
+        },
         **_ACCEPTED,
         **_INVALID,
         **_UNSERVED,
