@@ -505,7 +505,10 @@ def hostile_shapes(draw: st.DrawFn) -> Shape:
     scheme = draw(st.sampled_from(["Basic ", "basic ", "Bearer ", ""]))
     credential = draw(st.one_of(header_text, st.binary(max_size=30).map(lambda raw: base64.b64encode(raw).decode())))
     value = (scheme + credential).encode("latin-1")
-    return Shape(path, f"Authorization: {value!r}", _json(base), {"Authorization": value}, None, must_refuse=True)
+    name = draw(st.sampled_from(["Authorization", "X-API-Key"]))
+    if name == "X-API-Key":
+        value = credential.encode("latin-1")
+    return Shape(path, f"{name}: {value!r}", _json(base), {name: value}, None, must_refuse=True)
 
 
 def _body_fields(document: dict[str, Any], path: str) -> set[str]:
