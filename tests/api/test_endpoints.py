@@ -345,6 +345,7 @@ async def test_a_synchronous_batch3_without_imaging_study_answers_404_within_the
         assert set(failure) == {"error", "step", "encounter_id", "service_request_id", "detail"}
         assert "?async=true" in failure["detail"] and "API_SYNC_IMAGING_WAIT_S" in failure["detail"]
         assert gateway.counts() == {"Encounter": 1, "ServiceRequest": 1}
+        assert (await flow_run_of(waiting)).state.is_failed()  # a failed run, as any step's failure
 
         routed = await his.post(
             "/api/dicom/process", json={"study": study.study_instance_uid, "accesionnum": body["noacsn"]}
