@@ -99,7 +99,7 @@ def failure_sentence(step: str, created: dict[str, Any]) -> str:
             if "encounter_id" in created
             else "Failed to create ServiceRequest"
         )
-    if step == "dicom_process":
+    if step in ("dicom_process", "router_echo"):  # router_echo: batch4's C-ECHO of the router, before the order
         if "service_request_id" in created:
             return "ServiceRequest created but DICOM processing failed"
         return "DICOM processing failed"

@@ -96,6 +96,7 @@ async def test_recorder_keeps_ids_and_wraps_failures() -> None:
             "ServiceRequest created but DICOM processing failed",
         ),
         ("dicom_process", {}, "DICOM processing failed"),  # batch4's check of the study, before anything exists
+        ("router_echo", {}, "DICOM processing failed"),
         ("imaging_study", {"service_request_id": "s"}, "ServiceRequest created but ImagingStudy lookup failed"),
         (
             "imaging_study",
