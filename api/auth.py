@@ -14,7 +14,6 @@ not even its length. Open without credentials: the health check (`/api/satset/ha
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
@@ -70,6 +69,11 @@ class Guard:
         if bool(user) != bool(password):
             missing = "API_BASIC_PASSWORD" if user else "API_BASIC_USER"
             problems.append(f"{missing} is not set: HTTP Basic needs both API_BASIC_USER and API_BASIC_PASSWORD")
+        if ":" in user:
+            problems.append(
+                "API_BASIC_USER must not contain ':': HTTP Basic sends user:password, so everything after the first "
+                "':' would be read as the password and this user could never log in"
+            )
         if key and len(key) < MIN_API_KEY_LENGTH:
             problems.append(
                 f"API_KEY must be at least {MIN_API_KEY_LENGTH} characters "
@@ -140,7 +144,7 @@ def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII characters in the header itself
         return None
     user, separator, password = decoded.partition(":")
     return (user, password) if separator else None

@@ -2,7 +2,12 @@
 
 Routes are thin: FastAPI validates the body against the input model (models/inputs.py, the old field names), the
 route runs the flow (api/runs.py) and shapes the answer the old gateway gave. No FHIR is built here and nothing
-talks to SATUSEHAT except through the flows and, for /token, the shared client.
+talks to SATUSEHAT except through the flows and, through the shared client, /token and the search Bundle that
+imageid's 404 carries (as the old gateway's did).
+
+A synchronous call gives the steps that wait for the DICOM Router's ImagingStudy (batch3, batch4) at most
+API_SYNC_IMAGING_WAIT_S, then answers 404 with the ids so far (flows/steps.py, `waiting_at_most`): the old gateway
+looked once and answered 404 at once; the background deadline (IMAGING_STUDY_DEADLINE_S) is for ?async=true.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from api import schemas
 from api.runs import Accepted, Finished, RunMode, flow_backend, run_headers, run_mode, submit
 from api.validation import InvalidInput
 from clients.errors import FhirRejected, GatewayError, ImagingStudyNotReady
-from flows.steps import BatchFailed
+from clients.satusehat import _escape_search
+from flows.steps import BatchFailed, waiting_at_most
+from models.fhir import IdentifierKind, identifier_system
 from models.inputs import (
     Acsn,
     Batch1Input,
@@ -109,10 +116,16 @@ _DICOM_KEYS = (
 
 
 def _dicom_answer(flow: str, finished: Finished) -> JSONResponse:
-    """The old /api/dicom/process: 200 with the counts, or 500 {"status": "error", "message"} whatever failed."""
+    """The old /api/dicom/process: 200 with the counts, or {"status": "error", "message"}: 404 for a study the
+    PACS does not have (as the old gateway answered), 409 for an accession number that matches several studies
+    (the old gateway took the first), 500 for any other failure."""
     if finished.error is None:
         return JSONResponse({key: finished.result.get(key) for key in _DICOM_KEYS})
-    return JSONResponse({"status": "error", "message": _describe(finished.error)}, status_code=500)
+    failed = finished.error
+    status = 500
+    if isinstance(failed, BatchFailed) and 400 <= failed.status_code < 500:
+        status = failed.status_code
+    return JSONResponse({"status": "error", "message": _describe(failed)}, status_code=status)
 
 
 Shape = Callable[[str, Finished], JSONResponse]
@@ -133,7 +146,8 @@ async def _call(request: Request, flow: str, payload: BaseModel, mode: RunMode, 
         # The validated model, serialised: defaults filled in, and without the patient's name (never stored).
         parameters = {"payload": payload.model_dump(mode="json", exclude_none=True)}
         return await submit(request, flow, parameters, mode, _order_key(payload))
-    finished = await flow_backend(request).run(flow, payload=payload)
+    with waiting_at_most(getattr(request.app.state, "sync_imaging_wait_s", None)):
+        finished = await flow_backend(request).run(flow, payload=payload)
     response = shape(flow, finished)
     response.headers.update(run_headers(finished.flow_run_id))
     return response
@@ -206,7 +220,11 @@ async def post_conclusion(payload: DiagnosticReportInput, request: Request, mode
 def _batch_responses(result: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {
         200: {"model": result, "description": "Every resource created (or adopted)"},
-        400: {"model": schemas.BatchFailure, "description": "A step failed: the platform's status, or 502"},
+        400: {
+            "model": schemas.BatchFailure,
+            "description": "A step failed: the platform's own 4xx; 404 no such study or no ImagingStudy (yet); "
+            "409 an ACSN of several studies; 502 an upstream failure",
+        },
         **_ACCEPTED,
         **_INVALID,
         **_UNSERVED,
@@ -231,7 +249,9 @@ async def post_batch2(payload: Batch2Input, request: Request, mode: Mode) -> Res
     responses=_batch_responses(schemas.Batch3Result),
 )
 async def post_batch3(payload: Batch3Input, request: Request, mode: Mode) -> Response:
-    """The whole exam when the modality sent the images to the router itself (flow `batch3`)."""
+    """The whole exam when the modality sent the images to the router itself (flow `batch3`). Synchronously, the
+    router's ImagingStudy is awaited at most API_SYNC_IMAGING_WAIT_S: then 404 with the ids so far and a hint;
+    the same body sent again later adopts them."""
     return await _call(request, "batch3", payload, mode, _batch_answer)
 
 
@@ -241,8 +261,9 @@ async def post_batch3(payload: Batch3Input, request: Request, mode: Mode) -> Res
     responses=_batch_responses(schemas.Batch4Result),
 )
 async def post_batch4(payload: Batch4Input, request: Request, mode: Mode) -> Response:
-    """The whole exam, images included (flow `batch4`). Takes as long as the router needs to make the
-    ImagingStudy (up to IMAGING_STUDY_DEADLINE_S): prefer ?async=true when the HIS cannot wait that long."""
+    """The whole exam, images included (flow `batch4`). Synchronously, the routing takes as long as the study
+    needs, then the router's ImagingStudy is awaited at most API_SYNC_IMAGING_WAIT_S (404 with the ids so far;
+    send the same body again, nothing is sent twice); ?async=true waits up to IMAGING_STUDY_DEADLINE_S."""
     return await _call(request, "batch4", payload, mode, _batch_answer)
 
 
@@ -259,8 +280,32 @@ async def get_imageid(
     question, not an order: it always runs here and now."""
     finished = await flow_backend(request).run("imaging-lookup", acsn=acsn)
     response = _lookup_answer("imaging-lookup", finished)
+    if response.status_code == 404:
+        bundle = await _imaging_search(acsn)
+        if bundle is not None:
+            response = JSONResponse({"error": "No ImagingStudy found", "detail": bundle}, status_code=404)
     response.headers.update(run_headers(finished.flow_run_id))
     return response
+
+
+async def _imaging_search(acsn: str) -> dict[str, Any] | None:
+    """The platform's searchset Bundle for the ACSN's ImagingStudy, the old gateway's 404 detail; None when the
+    search fails, or when it now finds one (the router made it since the lookup: the message says "not yet")."""
+
+    def search() -> dict[str, Any]:
+        system = identifier_system(IdentifierKind.ACSN, runtime.settings().ss_org_id)
+        identifier = f"{_escape_search(system)}|{_escape_search(acsn)}"
+        return runtime.satusehat().search("ImagingStudy", [("identifier", identifier), ("_sort", "-_lastUpdated")])
+
+    try:
+        bundle = await asyncio.to_thread(search)
+    except (GatewayError, SettingsError) as error:
+        log.info("imageid %s: the search Bundle is not shown (%s)", acsn, type(error).__name__)
+        return None
+    entries = bundle.get("entry") or []
+    if any(isinstance(e, dict) and (e.get("resource") or {}).get("resourceType") == "ImagingStudy" for e in entries):
+        return None
+    return bundle
 
 
 # --- /api/dicom ------------------------------------------------------------------------------------------------
@@ -271,7 +316,9 @@ async def get_imageid(
     summary="Send a study from the PACS to the SATUSEHAT DICOM Router",
     response_model=schemas.DicomProcessResult,
     responses={
-        500: {"model": schemas.DicomProcessError, "description": "Any failure, as the old gateway answered"},
+        404: {"model": schemas.DicomProcessError, "description": "The PACS has no such study"},
+        409: {"model": schemas.DicomProcessError, "description": "The accession number matches several studies"},
+        500: {"model": schemas.DicomProcessError, "description": "Any other failure, as the old gateway answered"},
         **_ACCEPTED,
         **_INVALID,
         **_UNSERVED,

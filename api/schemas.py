@@ -26,10 +26,10 @@ class Token(_Doc):
 
 class Error(_Doc):
     error: str
-    """What failed: for a batch, the step ('encounter', 'service_request', 'dicom_process', 'imaging_study',
-    'observation', 'diagnostic_report')."""
+    """What failed, in words (for a batch, the old gateway's sentence, e.g. 'Failed to create Encounter')."""
     detail: Any = None
-    """SATUSEHAT's OperationOutcome when the platform refused a resource, else a message."""
+    """SATUSEHAT's OperationOutcome when the platform refused a resource, the search Bundle for imageid, else a
+    message."""
 
 
 class Batch1Result(_Doc):
@@ -49,6 +49,10 @@ class Batch3Result(Batch1Result, Batch2Result):
 class DicomSummary(_Doc):
     status: str = "success"
     study_uid: str
+    total_instance: int
+    sent_instance: int
+    patient_modified: bool
+    accession_modified: bool
     router: str
     """host:port and AE title of the SATUSEHAT DICOM Router the study went to."""
 
@@ -62,6 +66,11 @@ class BatchFailure(_Doc):
     the upstream detail. The HTTP status is the platform's own 4xx, or 502 when it or the PACS/router failed."""
 
     error: str
+    """The old gateway's sentence: 'Failed to create Encounter', 'Encounter created but ServiceRequest failed',
+    'ServiceRequest created but ImagingStudy lookup failed', ..."""
+    step: str
+    """The step that failed: 'encounter', 'service_request', 'dicom_process', 'imaging_study', 'observation',
+    'diagnostic_report' (new: the old gateway had only the sentence)."""
     detail: Any = None
 
 

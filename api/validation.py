@@ -11,12 +11,16 @@ patient name and all. Here every error becomes {"field", "in", "rule"}, without 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 _PREFIXES = ("Value error, ", "Assertion failed, ")
+
+_SENT_CONTEXT_KEYS = ("value", "start", "end", "noacsn")
+"""Context keys under which the input models' messages quote what the HIS sent (`...; got '{value}'`)."""
 
 
 class FieldProblem(BaseModel):
@@ -74,4 +78,19 @@ def _rule(error: Mapping[str, Any], where: str, field: str) -> str:
     for prefix in _PREFIXES:
         if message.startswith(prefix):
             message = message[len(prefix) :]
+    return without_values_sent(message, error)
+
+
+def without_values_sent(message: str, error: Mapping[str, Any]) -> str:
+    """The rule without the values the caller sent: the models' messages quote them (useful on the command
+    line), but a 422 goes back over the network and into logs, and a value in the wrong field may be a name."""
+    context = error.get("ctx") or {}
+    sent = [error.get("input"), *(context.get(key) for key in _SENT_CONTEXT_KEYS)]
+    values = {str(value) for value in sent if isinstance(value, str | int | float) and not isinstance(value, bool)}
+    for value in sorted((v for v in values if v.strip()), key=len, reverse=True):
+        quoted = re.escape(value)
+        message = re.sub(rf"[;,]?\s*got '?{quoted}'?(?=$|[\s;,)])", "", message)
+        message = re.sub(rf"\s*\('?{quoted}'?\)", "", message)
+        if len(value) > 3:  # shorter ones ('-', '.') also occur in the rules' own words
+            message = message.replace(f"'{value}'", "the value sent")
     return message

@@ -2,6 +2,8 @@
 
 It binds 127.0.0.1 unless API_HOST or --host say otherwise: exposing it to the hospital network is a decision,
 taken with a credential configured (the API refuses to start without one unless API_AUTH_DISABLED=true).
+Like `satset serve`, it refuses to start without PREFECT_API_URL: Prefect would otherwise run every call's flow
+on a temporary server of its own, whose history dies with the process and which outlived it when stopped.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ def api(
     import uvicorn
 
     from api.app import create_app
+    from deployments.serve import ServeError, prefect_api_url
 
     try:
         settings = load_settings(ApiSettings)
         load_settings()  # the gateway's own settings: refuse now rather than at the HIS's first call
+        prefect_api_url()
         app = create_app(settings)
-    except SettingsError as error:
+    except (SettingsError, ServeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     host = host or settings.api_host

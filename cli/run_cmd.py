@@ -37,6 +37,8 @@ def run(
         )
     except ValidationError as error:
         _fail(_describe_invalid(error))
+    except (ValueError, OverflowError) as error:  # a value no validator foresaw: one line, not a traceback
+        _fail(f"invalid input: {type(error).__name__}: {error}")
     try:
         result = asyncio.run(entry.flow(**arguments))
     except Exception as error:

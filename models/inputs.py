@@ -258,8 +258,33 @@ def reference_to(*resource_types: str) -> Any:
 NonEmptyText = Annotated[str, StringConstraints(min_length=1), Documented(NON_BLANK_PATTERN)]
 """Free text (names, reading text): non-empty after stripping."""
 
-IdentifierValue = Annotated[str, StringConstraints(min_length=1), Documented(NON_BLANK_PATTERN)]
-"""A business identifier value (visit number, order number): non-empty."""
+IDENTIFIER_MAX_LENGTH = 64
+"""A visit or order number is short (RG2023I0000175); a longer value is a HIS sending the wrong field."""
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+IDENTIFIER_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+"""`check_identifier_value` as a regular expression: one line of text, not blank."""
+
+
+def check_identifier_value(value: str) -> str:
+    """One line of text: a NUL or a line break in an identifier SATUSEHAT stores and searches by is a HIS bug."""
+    found = _CONTROL_CHARACTER.search(value)
+    if found is not None:
+        raise _error(
+            "identifier_control_character",
+            "must not contain control characters or line breaks (found {char}): it is one line of text",
+            char=repr(found.group()),
+        )
+    return value
+
+
+IdentifierValue = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=IDENTIFIER_MAX_LENGTH),
+    AfterValidator(check_identifier_value),
+    Documented(IDENTIFIER_PATTERN),
+]
+"""A business identifier value (visit number, order number): one line of text, at most 64 characters."""
 
 FhirId = Annotated[
     str, StringConstraints(min_length=1, max_length=64), AfterValidator(check_fhir_id), Documented(_FHIR_ID.pattern)

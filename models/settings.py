@@ -141,6 +141,12 @@ class ApiSettings(BaseSettings):
     api_basic_password: SecretStr | None = Field(default=None, alias="API_BASIC_PASSWORD")
     api_auth_disabled: bool = Field(default=False, alias="API_AUTH_DISABLED")
     """Authentication is on unless this is set explicitly (never in production)."""
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024, alias="API_MAX_BODY_BYTES")
+    """The largest request body accepted (413 above it). An order is a few hundred bytes of JSON."""
+    api_sync_imaging_wait_s: float = Field(default=20.0, gt=0, alias="API_SYNC_IMAGING_WAIT_S")
+    """How long a synchronous batch3/batch4 call waits for the router's ImagingStudy before answering 404 with
+    the ids so far (the HIS sends the same body again later, or calls with ?async=true, which waits up to
+    IMAGING_STUDY_DEADLINE_S in the background)."""
 
 
 class LogSettings(BaseSettings):

@@ -18,6 +18,7 @@ optional keys from the validation context, so tests and callers can pin them wit
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Annotated, Any
 
@@ -44,6 +45,16 @@ what is sent: 2014-06-03 05:00 WIB is 2014-06-02 in UTC and would be refused."""
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 """How far ahead of our clock a date-time may be before it counts as 'in the future': the HIS's clock and
 ours are not in step, and a visit registered 'now' on a slightly fast HIS must not be refused."""
+
+ISO_DATETIME = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?(Z|[+-][0-9]{2}:?[0-9]{2})?$"
+)
+"""The calendar form SATUSEHAT writes (`YYYY-MM-DDThh:mm:ss+zz:zz`), with what HIS commonly send around it: a
+space for `T`, no seconds, a fraction (truncated), `Z`, an offset without its colon, or none (local time).
+Python's `fromisoformat` reads more than that (week dates `2025-W31-5`, the basic form `20250801T100000`, an
+hour alone); none of those is a form the platform uses, so they are refused rather than guessed at."""
+
+DATETIME_FORM = "YYYY-MM-DDThh:mm:ss+zz:zz, e.g. 2025-08-01T12:57:41+07:00 (without an offset it is read as local time)"
 
 CONTEXT_NOW = "now"
 """Validation-context key: the aware `datetime` that stands for 'now'."""
@@ -88,18 +99,15 @@ def parse_datetime(value: str | datetime, *, local_tz: tzinfo = DEFAULT_LOCAL_TZ
             raise PydanticCustomError("datetime_empty", "must not be empty")
         if "T" not in text and " " not in text:
             raise PydanticCustomError(
-                "datetime_no_time",
-                "must include a time of day, e.g. 2025-08-01T12:57:41+07:00; got '{value}'",
-                {"value": text},
+                "datetime_no_time", "must include a time of day: an ISO 8601 date-time {form}", {"form": DATETIME_FORM}
             )
         try:
+            if not ISO_DATETIME.match(text):
+                raise ValueError(text)
             moment = datetime.fromisoformat(text)
         except ValueError:
             raise PydanticCustomError(
-                "datetime_format",
-                "must be an ISO 8601 date-time such as 2025-08-01T12:57:41+07:00 "
-                "(without an offset it is read as local time); got '{value}'",
-                {"value": text},
+                "datetime_format", "must be an ISO 8601 date-time {form}", {"form": DATETIME_FORM}
             ) from None
     else:
         raise PydanticCustomError(
@@ -107,7 +115,14 @@ def parse_datetime(value: str | datetime, *, local_tz: tzinfo = DEFAULT_LOCAL_TZ
         )
     if moment.tzinfo is None or moment.utcoffset() is None:
         moment = moment.replace(tzinfo=local_tz)
-    return moment.astimezone(UTC).replace(microsecond=0)
+    try:
+        return moment.astimezone(UTC).replace(microsecond=0)
+    except OverflowError:  # 0001-01-01T00:00:00 (.NET's DateTime.MinValue) in WIB, 9999-12-31T23:59:59-12:00
+        raise PydanticCustomError(
+            "datetime_out_of_range",
+            "is out of range: SATUSEHAT takes date-times from {earliest} to now",
+            {"earliest": EARLIEST_DATETIME.date().isoformat()},
+        ) from None
 
 
 def check_datetime_range(moment: datetime, *, now: datetime, skew: timedelta = MAX_CLOCK_SKEW) -> datetime:
@@ -115,14 +130,14 @@ def check_datetime_range(moment: datetime, *, now: datetime, skew: timedelta = M
     if moment < EARLIEST_DATETIME:
         raise PydanticCustomError(
             "datetime_too_early",
-            "must not be before {earliest}: SATUSEHAT refuses older dates; got {value}",
-            {"earliest": to_fhir_datetime(EARLIEST_DATETIME), "value": to_fhir_datetime(moment)},
+            "must not be before {earliest}: SATUSEHAT refuses older dates",
+            {"earliest": to_fhir_datetime(EARLIEST_DATETIME)},
         )
     if moment > now + skew:
         raise PydanticCustomError(
             "datetime_in_future",
-            "must not be in the future: {value} is later than now ({now}) plus {skew_s} s of allowed clock skew",
-            {"value": to_fhir_datetime(moment), "now": to_fhir_datetime(now), "skew_s": int(skew.total_seconds())},
+            "must not be in the future: it is later than now ({now}) plus {skew_s} s of allowed clock skew",
+            {"now": to_fhir_datetime(now), "skew_s": int(skew.total_seconds())},
         )
     return moment
 

@@ -22,6 +22,30 @@ BASIC_PASSWORD = "his-test-password:with colon"
 PATIENT_NAME = "Budi Santoso"
 
 
+BATCH3 = {
+    "identifier_value": "RG2023I0000175",
+    "subject_id": "P10443013727",
+    "individual_id": "10016869420",
+    "period_start": "2025-08-01T05:57:41+00:00",
+    "noacsn": "ACC20250002",
+    "performer_id": "10000504193",
+    "performer_value": "Tak tampak bercak",
+    "conclusion_text": "Normal",
+}
+LINKS = {"encounter_id": "e-1", "service_request_id": "s-1", "imaging_study_id": "i-1", "observation_id": "o-1"}
+DATED = {
+    "/api/satset/encounter": BATCH3,
+    "/api/satset/service-req": {**BATCH3, **LINKS, "requester_reference": "Practitioner/10016869420"},
+    "/api/satset/observation": {**BATCH3, **LINKS},
+    "/api/satset/conclusion": {**BATCH3, **LINKS},
+    "/api/satset/batch1": BATCH3,
+    "/api/satset/batch2": {**BATCH3, **LINKS},
+    "/api/satset/batch3": BATCH3,
+    "/api/satset/batch4": {**BATCH3, "study": "1.2.826.0.1.3680043.8.498.1"},
+}
+"""Every endpoint whose body has a date, each with a valid body (what a test changes makes it invalid)."""
+
+
 def api_settings(**overrides: object) -> ApiSettings:
     """ApiSettings from these values only: no environment variable or .env file of the machine leaks in."""
     values: dict[str, object] = {

@@ -15,9 +15,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
 
+from api.app import create_app
 from tasks import runtime
 from tasks.retry import FHIR_RETRIES
-from tests.api.conftest import PATIENT_NAME
+from tests.api.conftest import API_KEY, PATIENT_NAME, api_settings
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadStudy, unique_accession
 from tests.plugins.simulator import CLIENT_SECRET
@@ -114,11 +115,16 @@ async def test_batch4_end_to_end(gateway: Gateway, upload_study: UploadStudy, hi
     assert status.json()["flow_name"] == "batch4" and status.json()["result"] == result
 
 
-async def test_imageid_of_an_unknown_acsn_is_404(gateway: Gateway, his: httpx.AsyncClient) -> None:
+async def test_imageid_of_an_unknown_acsn_is_404_with_the_search_bundle(
+    gateway: Gateway, his: httpx.AsyncClient
+) -> None:
+    """As the existing gateway answered: {"error": "No ImagingStudy found", "detail": <the searchset Bundle>}."""
     answer = await his.get("/api/satset/imageid/NOSUCHACSN")
 
     assert answer.status_code == 404
-    assert answer.json()["error"] == "No ImagingStudy found" and "NOSUCHACSN" in answer.json()["detail"]
+    assert answer.json()["error"] == "No ImagingStudy found"
+    bundle = answer.json()["detail"]
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "searchset" and not bundle.get("entry")
     assert (await flow_run_of(answer)).state.is_failed()  # the lookup is a flow run too, visible in the UI
 
 
@@ -205,14 +211,35 @@ async def test_single_resource_endpoints_answer_the_platform_resource(
     assert gateway.counts() == dict.fromkeys(RESOURCES, 1)
 
 
-async def test_dicom_process_failure_is_500_with_status_error(gateway: Gateway, his: httpx.AsyncClient) -> None:
+async def test_dicom_process_for_a_study_the_pacs_does_not_have_is_404(
+    gateway: Gateway, his: httpx.AsyncClient
+) -> None:
+    """The existing gateway answered 404 {"status": "error", "message"} for an unknown study or ACSN."""
     missing = "1.2.826.0.1.3680043.8.498.424242"
 
-    answer = await his.post("/api/dicom/process", json={"study": missing})
+    by_uid = await his.post("/api/dicom/process", json={"study": missing})
+    by_acsn = await his.post("/api/dicom/process", json={"accesionnum": "NOSUCHACSN"})
 
-    assert answer.status_code == 500
-    assert answer.json()["status"] == "error" and set(answer.json()) == {"status", "message"}
-    assert missing in answer.json()["message"]
+    for answer, named in ((by_uid, missing), (by_acsn, "NOSUCHACSN")):
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["status"] == "error" and set(answer.json()) == {"status", "message"}
+        assert named in answer.json()["message"]
+
+
+async def test_dicom_process_for_an_acsn_of_two_studies_is_409_naming_it(
+    gateway: Gateway, upload_study: UploadStudy, his: httpx.AsyncClient
+) -> None:
+    """The existing gateway routed the first match; a client's ambiguous ACSN is a 4xx that names it."""
+    acsn = unique_accession()
+    first = upload_study(accession_number=acsn, series=1, instances_per_series=1)
+    second = upload_study(accession_number=acsn, series=1, instances_per_series=1)
+
+    answer = await his.post("/api/dicom/process", json={"accesionnum": acsn})
+
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["status"] == "error"
+    message = answer.json()["message"]
+    assert acsn in message and first.study_instance_uid in message and second.study_instance_uid in message
 
 
 async def test_batch1_failing_at_service_request_keeps_the_encounter_and_a_resend_resumes(
@@ -224,8 +251,9 @@ async def test_batch1_failing_at_service_request_keeps_the_encounter_and_a_resen
     failed = await his.post("/api/satset/batch1", json=body)
 
     assert failed.status_code == 502, failed.text  # the platform failed (5xx, retried): upstream error
-    assert set(failed.json()) == {"error", "encounter_id", "detail"}
-    assert failed.json()["error"] == "service_request"
+    assert set(failed.json()) == {"error", "step", "encounter_id", "detail"}
+    assert failed.json()["error"] == "Encounter created but ServiceRequest failed"  # the existing gateway's words
+    assert failed.json()["step"] == "service_request"
     assert failed.json()["encounter_id"] == gateway.resources("Encounter")[0]["id"]
     assert "500" in failed.json()["detail"]
     assert (await flow_run_of(failed)).state.is_failed()
@@ -251,8 +279,10 @@ async def test_a_platform_rule_comes_back_as_its_operation_outcome_and_status(
     outcome = single.json()
     assert outcome["resourceType"] == "OperationOutcome"
     assert "10117" in json.dumps(outcome) and outcome["issue"][0]["expression"]
+    assert outcome["text"] == {"status": "generated"}  # passed through whole, as the platform answered
     assert batch.status_code == 400, batch.text
-    assert batch.json()["error"] == "encounter" and batch.json()["detail"]["resourceType"] == "OperationOutcome"
+    assert batch.json()["error"] == "Failed to create Encounter" and batch.json()["step"] == "encounter"
+    assert batch.json()["detail"] == outcome
     assert "10117" in json.dumps(batch.json()["detail"])
     assert gateway.counts() == {}
 
@@ -279,7 +309,7 @@ async def test_answers_logs_and_run_records_hold_no_secret_and_no_patient_name(
     answers.append(await his.post("/api/satset/batch1", json={**body, **new_order}))
     # The refused token: 502 from /token; the batch stops at its first step (BatchFailed's status for a refusal).
     assert [a.status_code for a in answers] == [200, 201, 200, 422, 502, 502], [a.text for a in answers]
-    assert answers[-1].json()["error"] == "encounter"
+    assert answers[-1].json()["step"] == "encounter"
 
     run_ids = [UUID(a.headers["X-Flow-Run-Id"]) for a in answers if "X-Flow-Run-Id" in a.headers]
     assert len(run_ids) == 3
@@ -299,3 +329,43 @@ async def test_answers_logs_and_run_records_hold_no_secret_and_no_patient_name(
     for record in records:
         assert PATIENT_NAME not in record and "Budi" not in record
         assert CLIENT_SECRET not in record
+
+
+async def test_a_synchronous_batch3_without_imaging_study_answers_404_within_the_bound(
+    gateway: Gateway, upload_study: UploadStudy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The existing gateway answered 404 at once; ours waits API_SYNC_IMAGING_WAIT_S (here 1 s), not the
+    background deadline (here 120 s; the test's own timeout would stop a call that waited for it), then 404 with
+    the ids so far and the hint. The same body sent once the images are there adopts them."""
+    monkeypatch.setenv("IMAGING_STUDY_DEADLINE_S", "120")
+    runtime.reset()
+    app = create_app(api_settings(API_SYNC_IMAGING_WAIT_S=1))
+    study = upload_study(series=1, instances_per_series=1)
+    body = without(batch4_input(study), "study")
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway.test", headers={"X-API-Key": API_KEY}
+    ) as his:
+        waiting = await his.post("/api/satset/batch3", json=body)
+
+        assert waiting.status_code == 404, waiting.text
+        failure = waiting.json()
+        assert failure["error"] == "ServiceRequest created but ImagingStudy lookup failed"
+        assert failure["step"] == "imaging_study"
+        assert set(failure) == {"error", "step", "encounter_id", "service_request_id", "detail"}
+        assert "?async=true" in failure["detail"] and "API_SYNC_IMAGING_WAIT_S" in failure["detail"]
+        assert gateway.counts() == {"Encounter": 1, "ServiceRequest": 1}
+        assert (await flow_run_of(waiting)).state.is_failed()  # a failed run, as any step's failure
+
+        routed = await his.post(
+            "/api/dicom/process", json={"study": study.study_instance_uid, "accesionnum": body["noacsn"]}
+        )
+        assert routed.status_code == 200, routed.text
+        await wait_for_imageid(his, body["noacsn"])
+        done = await his.post("/api/satset/batch3", json=body)
+
+    assert done.status_code == 200, done.text
+    assert {k: done.json()[k] for k in ("encounter_id", "service_request_id")} == {
+        k: failure[k] for k in ("encounter_id", "service_request_id")
+    }
+    assert gateway.counts() == dict.fromkeys(RESOURCES, 1)

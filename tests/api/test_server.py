@@ -92,6 +92,7 @@ async def test_satset_api_serves_on_loopback_over_a_real_socket(api_process: Api
         docs = await client.get("/api/docs")
         refused = await client.post("/api/satset/batch1", json=body)
         ordered = await client.post("/api/satset/batch1", json=body, headers={"X-API-Key": API_KEY})
+        keyed = await client.get(f"/api/satset/halo?api_key={API_KEY}&async=true")  # a key where it does not go
 
     assert (halo.status_code, halo.json()) == (200, {"message": "Halo dari Satu Sehat!"})
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -106,6 +107,8 @@ async def test_satset_api_serves_on_loopback_over_a_real_socket(api_process: Api
     api_process.process.wait(timeout=60)
     output = api_process.output
     assert '"POST /api/satset/batch1 HTTP/1.1" 401' in output and " 200" in output  # the access log is there
+    assert keyed.status_code == 200
+    assert '"GET /api/satset/halo?api_key=REDACTED&async=true HTTP/1.1" 200' in output  # redacted, not dropped
     assert PATIENT_NAME not in output and CLIENT_SECRET not in output and API_KEY not in output
 
 
@@ -141,3 +144,24 @@ async def test_satset_api_refuses_to_start_without_the_gateway_settings(tmp_path
 
     assert completed.returncode == 1
     assert "DCM4CHEE_URL" in completed.stderr and "SS_CLIENT_SECRET" in completed.stderr
+
+
+async def test_satset_api_refuses_to_start_without_prefect_api_url(gateway: Gateway, tmp_path: Path) -> None:
+    """Without PREFECT_API_URL Prefect would start a temporary server of its own, one that outlived the process."""
+    environment = {k: v for k, v in api_environment(gateway.env, API_KEY=API_KEY).items() if k != "PREFECT_API_URL"}
+    environment["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile of the machine sets it either
+
+    completed = subprocess.run(
+        [sys.executable, "-c", SATSET_API, "--port", "0"],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert completed.stderr.startswith("error: PREFECT_API_URL is not set")
+    assert len(completed.stderr.strip().splitlines()) == 1
+    assert "HIS API on" not in completed.stdout

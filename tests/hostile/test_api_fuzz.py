@@ -10,6 +10,13 @@ what a flow would, so that 1000+ calls run in seconds and a valid body shows up 
 For every call: no 5xx; a 422 is `{"error": "invalid input", "fields": [{"field", "in", "rule"}]}` naming fields
 the operation has and a rule in words, and started no flow; a 401 says what to send; a 2xx started exactly one
 flow with a validated input; nothing else.
+
+The schema cannot describe what a careless or hostile HIS sends around it, so Hypothesis strategies add those
+shapes to valid bodies (`test_hostile_shapes_...`): date-times out of range or in forms SATUSEHAT does not use
+(.NET's DateTime.MinValue, year 9999 at -12:00, ISO week dates), control characters and overlong text in any
+string field, bodies nested deeper than the parser recurses or larger than API_MAX_BODY_BYTES, and odd
+Authorization, X-API-Key, Prefer, Idempotency-Key and Content-Type headers. The same rule holds: no 5xx, and
+every 4xx is JSON naming the field.
 """
 
 from __future__ import annotations
@@ -36,9 +43,20 @@ from schemathesis.specs.openapi.formats import unregister_string_format
 
 from api.app import OPEN_PATHS, create_app
 from api.runs import Finished, FlowBackend
-from models.inputs import GatewayInput
+from models.inputs import (
+    Batch1Input,
+    Batch2Input,
+    Batch3Input,
+    Batch4Input,
+    DiagnosticReportInput,
+    DicomProcessInput,
+    EncounterInput,
+    GatewayInput,
+    ObservationInput,
+    ServiceRequestInput,
+)
 from tasks import runtime
-from tests.api.conftest import API_KEY, BASIC_PASSWORD, BASIC_USER, api_settings
+from tests.api.conftest import API_KEY, BASIC_PASSWORD, BASIC_USER, DATED, api_settings
 from tests.plugins.simulator import CLIENT_ID, CLIENT_SECRET, ORG_ID, SimulatorSession
 
 POSITIVE_EXAMPLES = 50
@@ -132,7 +150,27 @@ def satusehat_datetimes() -> st.SearchStrategy[str]:
         st.booleans(),
     )
     anything = st.datetimes(timezones=st.just(UTC)).map(lambda moment: moment.isoformat())
-    return st.one_of(plausible, plausible, plausible, anything)
+    return st.one_of(plausible, plausible, plausible, anything, hostile_datetimes())
+
+
+OVERFLOWING_DATETIMES = ("0001-01-01T00:00:00", "9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00")
+"""Valid ISO 8601 that overflows when converted to UTC: .NET's DateTime.MinValue read as WIB, the last second of
+year 9999 west of UTC."""
+
+
+def hostile_datetimes() -> st.SearchStrategy[str]:
+    """Date-times at the edges of what Python's datetime holds, and ISO 8601 forms SATUSEHAT does not use."""
+    edges = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59))
+    offsets = st.sampled_from(["", "Z", "+14:00", "-12:00", "+0700", "-00:01"])
+    at_the_edges = st.builds(lambda moment, offset: moment.replace(microsecond=0).isoformat() + offset, edges, offsets)
+    week_dates = st.builds(
+        lambda year, week, day, offset: f"{year:04d}-W{week:02d}-{day}T10:00:00{offset}",
+        st.integers(2015, 2025),
+        st.integers(1, 52),
+        st.integers(1, 7),
+        offsets,
+    )
+    return st.one_of(st.sampled_from(OVERFLOWING_DATETIMES), at_the_edges, week_dates)
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
@@ -363,3 +401,156 @@ def test_the_openapi_document_states_the_value_rules(app: FastAPI) -> None:
     assert properties["performer_value"]["pattern"] == r"\S"  # not blank
     acsn = next(p for p in document["paths"]["/api/satset/imageid/{acsn}"]["get"]["parameters"] if p["name"] == "acsn")
     assert acsn["schema"]["pattern"] == properties["noacsn"]["pattern"]
+
+
+# --- shapes the schema cannot describe ---------------------------------------------------------------------------
+
+HOSTILE_BODY_LIMIT = 16384
+"""API_MAX_BODY_BYTES for the hostile shapes: small, so that an oversized body is cheap to generate."""
+
+ENDPOINT_BODIES: dict[str, dict[str, Any]] = {**DATED, "/api/dicom/process": {"study": "1.2.826.0.1.3680043.8.498.1"}}
+"""Every endpoint with a body, each with a body that is valid as it stands."""
+
+FIELDS: dict[str, set[str]] = {
+    f"/api/{prefix}/{name}": set(model.model_fields)
+    for prefix, name, model in (
+        ("satset", "encounter", EncounterInput),
+        ("satset", "service-req", ServiceRequestInput),
+        ("satset", "observation", ObservationInput),
+        ("satset", "conclusion", DiagnosticReportInput),
+        ("satset", "batch1", Batch1Input),
+        ("satset", "batch2", Batch2Input),
+        ("satset", "batch3", Batch3Input),
+        ("satset", "batch4", Batch4Input),
+        ("dicom", "process", DicomProcessInput),
+    )
+}
+"""The fields each endpoint reads (a body's other keys are ignored, whatever they hold)."""
+
+DATE_FIELDS = ("period_start", "period_end")
+
+control_characters = st.characters(codec="utf-8", categories=["Cc", "Zl", "Zp"])
+"""NUL, newlines, escape, DEL, the C1 controls, U+2028 and U+2029."""
+
+text_with_controls = st.builds(
+    lambda before, bad, after: before + bad + after,
+    st.text(max_size=8),
+    st.text(control_characters, min_size=1, max_size=4),
+    st.text(max_size=8),
+)
+
+long_text = st.text(st.characters(categories=["L", "N"]), min_size=65, max_size=6000)
+"""Longer than any identifier may be, with nothing that stripping would remove."""
+
+header_text = st.text(st.characters(codec="latin-1", exclude_categories=["Cc"]), max_size=40)
+"""What a header can carry (latin-1 bytes), control characters aside: the HTTP layer refuses those first."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One hostile request: which endpoint, what changed, and the field a refusal must name (None: any)."""
+
+    path: str
+    what: str
+    body: bytes
+    headers: dict[str, bytes]
+    field: str | None
+    must_refuse: bool = False
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
+@st.composite
+def hostile_shapes(draw: st.DrawFn) -> Shape:
+    path = draw(st.sampled_from(sorted(ENDPOINT_BODIES)))
+    base = ENDPOINT_BODIES[path]
+    key = {"X-API-Key": API_KEY.encode()}
+    strings = sorted(name for name, value in base.items() if isinstance(value, str) and name in FIELDS[path])
+    kind = draw(st.sampled_from(["date", "control", "long", "nested", "nested-field", "huge", "header", "auth"]))
+    if kind == "date" and path != "/api/dicom/process":
+        name = draw(st.sampled_from([field for field in DATE_FIELDS if field in FIELDS[path]]))
+        value = draw(hostile_datetimes())
+        refused = value in OVERFLOWING_DATETIMES or "W" in value
+        return Shape(path, f"{name}={value!r}", _json({**base, name: value}), key, name, must_refuse=refused)
+    if kind in ("control", "long"):
+        name = draw(st.sampled_from(strings))
+        value = draw(text_with_controls if kind == "control" else long_text)
+        refused = name == "identifier_value" and (kind == "long" or any(ord(c) < 0x20 for c in value.strip()))
+        return Shape(path, f"{kind} {name}", _json({**base, name: value}), key, name, must_refuse=refused)
+    if kind in ("nested", "nested-field"):
+        depth = draw(st.one_of(st.integers(1, 50), st.integers(1000, 5000)))
+        opening, closing = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+        nested = opening * depth + "0" + closing * depth
+        if kind == "nested":
+            return Shape(path, f"nested {depth}", nested.encode(), key, None, must_refuse=True)
+        name = draw(st.sampled_from(strings))
+        body = _json({**base, name: 0}).replace(b'"' + name.encode() + b'": 0', f'"{name}": {nested}'.encode())
+        return Shape(path, f"nested {depth} in {name}", body, key, None, must_refuse=True)
+    if kind == "huge":
+        size = draw(st.integers(HOSTILE_BODY_LIMIT + 1, 4 * HOSTILE_BODY_LIMIT))
+        body = _json({**base, "performer_value": "x" * size})
+        return Shape(path, f"huge {len(body)} bytes", body, key, "body", must_refuse=True)
+    if kind == "header":
+        name = draw(st.sampled_from(["Prefer", "Idempotency-Key", "Content-Type", "Accept"]))
+        value = draw(header_text).encode("latin-1")
+        return Shape(
+            path + draw(st.sampled_from(["", "?async=true"])),
+            f"{name}: {value!r}",
+            _json(base),
+            {**key, name: value},
+            None,
+        )
+    scheme = draw(st.sampled_from(["Basic ", "basic ", "Bearer ", ""]))
+    credential = draw(st.one_of(header_text, st.binary(max_size=30).map(lambda raw: base64.b64encode(raw).decode())))
+    value = (scheme + credential).encode("latin-1")
+    name = draw(st.sampled_from(["Authorization", "X-API-Key"]))
+    if name == "X-API-Key":
+        value = credential.encode("latin-1")
+    return Shape(path, f"{name}: {value!r}", _json(base), {name: value}, None, must_refuse=True)
+
+
+def _body_fields(document: dict[str, Any], path: str) -> set[str]:
+    reference = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    return set(document["components"]["schemas"][reference.rsplit("/", 1)[-1]]["properties"])
+
+
+def test_hostile_shapes_answer_4xx_naming_the_field_never_5xx(flows: RecordingFlows) -> None:
+    from starlette.testclient import TestClient
+
+    app = create_app(api_settings(API_MAX_BODY_BYTES=HOSTILE_BODY_LIMIT), flows=flows)
+    seen: Counter[tuple[str, int]] = Counter()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        document = client.get("/api/openapi.json").json()
+
+        @given(shape=hostile_shapes())
+        @hypothesis.settings(max_examples=600, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def call(shape: Shape) -> None:
+            before = flows.started
+            answer = client.post(
+                shape.path, content=shape.body, headers={"Content-Type": b"application/json", **shape.headers}
+            )
+            where = f"{shape.path} {shape.what} -> {answer.status_code}: {answer.text[:300]}"
+            seen[(shape.what.split(" ")[0].split("=")[0], answer.status_code)] += 1
+            assert answer.status_code < 500, where
+            body = answer.json()  # every answer is JSON
+            if shape.must_refuse:
+                assert 400 <= answer.status_code < 500, where
+            if answer.status_code == 401:
+                assert body["error"] in ("authentication required", "invalid credentials"), where
+            elif 400 <= answer.status_code < 500:
+                assert answer.status_code in (413, 422), where
+                names = {problem["field"].split(".")[0] for problem in body["fields"]}
+                assert all(len(problem["rule"]) >= 8 for problem in body["fields"]), where
+                known = _body_fields(document, shape.path.split("?")[0]) | {"body", "Idempotency-Key", "prefer"}
+                assert names <= known, where
+                if shape.field is not None:
+                    assert shape.field in names, where
+            if answer.status_code >= 400:
+                assert flows.started == before, where
+
+        call()
+    print(f"\nhostile shapes: {dict(sorted(seen.items()))}")
+    refused = {status for (_, status) in seen if status >= 400}
+    assert {401, 413, 422} <= refused, seen

@@ -338,6 +338,9 @@ def child_environment(**extra: str) -> dict[str, str]:
     return {**inherited, "PYTHONPATH": root, **extra}
 
 
+UNUSED_PREFECT = "http://127.0.0.1:9/api"
+
+
 @pytest.mark.integration
 def test_satset_api_binds_loopback_unless_configured(tmp_path: Path) -> None:
     """Three `satset api` at once: no setting (127.0.0.1), API_HOST, --host (a loopback address of its own)."""
@@ -351,7 +354,8 @@ def test_satset_api_binds_loopback_unless_configured(tmp_path: Path) -> None:
             how: stack.enter_context(
                 started(
                     ["api", "--port", "0", *arguments],
-                    child_environment(**GATEWAY_SETTINGS, API_KEY=API_KEY, **extra),
+                    # satset api refuses to start without PREFECT_API_URL; nothing here runs a flow, so none answers
+                    child_environment(**GATEWAY_SETTINGS, API_KEY=API_KEY, PREFECT_API_URL=UNUSED_PREFECT, **extra),
                     "HIS API on ",
                     tmp_path,
                 )
