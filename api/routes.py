@@ -13,8 +13,9 @@ looked once and answered 404 at once; the background deadline (IMAGING_STUDY_DEA
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -78,10 +79,20 @@ def _batch_answer(flow: str, finished: Finished) -> JSONResponse:
     return _unexpected(flow, finished)
 
 
-def _resource_answer(flow: str, finished: Finished) -> JSONResponse:
-    """201 with the resource as SATUSEHAT holds it; a refusal is SATUSEHAT's OperationOutcome with its status."""
+async def _resource_answer(flow: str, finished: Finished) -> JSONResponse:
+    """201 with the resource as SATUSEHAT holds it; a refusal is SATUSEHAT's OperationOutcome with its status.
+
+    The flow's result holds ids only (what Prefect keeps); the resource is read from the platform here."""
     if finished.error is None:
-        return JSONResponse(finished.result, status_code=201)
+        kind, resource_id = finished.result["resourceType"], finished.result["id"]
+        try:
+            resource = await asyncio.to_thread(lambda: runtime.satusehat().read(kind, resource_id))
+        except GatewayError as error:
+            return JSONResponse(
+                {"error": f"{kind}/{resource_id} was filed but could not be read back", "detail": error.message},
+                status_code=502,
+            )
+        return JSONResponse(resource, status_code=201)
     failed = finished.error
     if isinstance(failed, BatchFailed):
         body = failed.response()
@@ -128,7 +139,7 @@ def _dicom_answer(flow: str, finished: Finished) -> JSONResponse:
     return JSONResponse({"status": "error", "message": _describe(failed)}, status_code=status)
 
 
-Shape = Callable[[str, Finished], JSONResponse]
+Shape = Callable[[str, Finished], JSONResponse | Awaitable[JSONResponse]]
 
 
 def _order_key(payload: BaseModel) -> str | None:
@@ -148,7 +159,8 @@ async def _call(request: Request, flow: str, payload: BaseModel, mode: RunMode, 
         return await submit(request, flow, parameters, mode, _order_key(payload))
     with waiting_at_most(getattr(request.app.state, "sync_imaging_wait_s", None)):
         finished = await flow_backend(request).run(flow, payload=payload)
-    response = shape(flow, finished)
+    shaped = shape(flow, finished)
+    response = await shaped if inspect.isawaitable(shaped) else shaped
     response.headers.update(run_headers(finished.flow_run_id))
     return response
 

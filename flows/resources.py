@@ -1,5 +1,9 @@
 """One flow per resource, for the existing gateway's single-resource endpoints and for manual fixes in the UI:
-encounter, service request, observation, conclusion (DiagnosticReport), and the ImagingStudy lookup by ACSN."""
+encounter, service request, observation, conclusion (DiagnosticReport), and the ImagingStudy lookup by ACSN.
+
+Each returns what Prefect may keep: `{resourceType, id}` (and `revised` for a correction), never the
+resource itself (a reading or a conclusion would then sit in Prefect's result storage). The HIS API reads the
+resource from SATUSEHAT to answer with it, as the existing gateway did."""
 
 from typing import Any
 
@@ -16,7 +20,6 @@ from tasks.fhir import (
     post_encounter,
     post_observation,
     post_service_request,
-    read_resource,
 )
 
 
@@ -67,6 +70,6 @@ async def imaging_lookup(acsn: str) -> dict[str, Any]:
 
 
 async def _finish(run: StepRecorder, resource_type: str, resource_id: str, acsn: str | None) -> dict[str, Any]:
-    resource = await run.step("read_back", read_resource(resource_type, resource_id))
     await publish_summary(run.flow, acsn, run.created, run.durations_s)
-    return resource
+    revised = run.created.get("revised")
+    return {"resourceType": resource_type, "id": resource_id, **({"revised": revised} if revised else {})}

@@ -95,18 +95,25 @@ async def test_batch3_finds_the_imaging_study_the_router_already_made(
     assert gateway.counts()["Encounter"] == 1
 
 
-async def test_single_resource_flows_return_the_platform_resource(gateway: Gateway, upload_study: UploadStudy) -> None:
+async def test_single_resource_flows_return_ids_only_and_file_the_resources(
+    gateway: Gateway, upload_study: UploadStudy
+) -> None:
+    """Each returns {resourceType, id}: what Prefect keeps as its result, never the reading or the conclusion (the
+    HIS API reads the resource from the platform to answer with it)."""
     study = upload_study(series=1, instances_per_series=1)
     body = batch4_input(study)
+    store = gateway.simulator.running.platform.store
 
     made_encounter = await encounter(EncounterInput.model_validate(body))
-    assert made_encounter["resourceType"] == "Encounter" and made_encounter["meta"]["versionId"]
+    assert made_encounter == {"resourceType": "Encounter", "id": made_encounter["id"]}
+    assert store.read("Encounter", made_encounter["id"]) is not None
     made_order = await service_request(
         ServiceRequestInput.model_validate(
             {**body, "encounter_id": made_encounter["id"], "requester_reference": "Practitioner/10016869420"}
         )
     )
-    assert made_order["encounter"]["reference"] == f"Encounter/{made_encounter['id']}"
+    order = store.read("ServiceRequest", made_order["id"])
+    assert order["encounter"]["reference"] == f"Encounter/{made_encounter['id']}"
     await dicom_process(
         DicomProcessInput.model_validate({"study": study.study_instance_uid, "accesionnum": body["noacsn"]})
     )
@@ -118,12 +125,15 @@ async def test_single_resource_flows_return_the_platform_resource(gateway: Gatew
     }
 
     made_reading = await observation(ObservationInput.model_validate({**body, **links}))
-    assert made_reading["derivedFrom"] == [{"reference": f"ImagingStudy/{imaging_id}"}]
+    assert set(made_reading) == {"resourceType", "id"} and body["performer_value"] not in str(made_reading)
+    assert store.read("Observation", made_reading["id"])["derivedFrom"] == [{"reference": f"ImagingStudy/{imaging_id}"}]
     made_report = await conclusion(
         DiagnosticReportInput.model_validate({**body, **links, "observation_id": made_reading["id"]})
     )
-    assert made_report["conclusion"] == body["conclusion_text"]
-    assert made_report["result"][0]["reference"] == f"Observation/{made_reading['id']}"
+    assert set(made_report) == {"resourceType", "id"} and body["conclusion_text"] not in str(made_report)
+    report = store.read("DiagnosticReport", made_report["id"])
+    assert report["conclusion"] == body["conclusion_text"]
+    assert report["result"][0]["reference"] == f"Observation/{made_reading['id']}"
 
 
 async def test_imaging_lookup_of_an_unknown_acsn_fails_with_the_reason(gateway: Gateway) -> None:
