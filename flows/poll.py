@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final
 
+import httpx
 from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -161,7 +162,15 @@ async def _run_batch(order: RadiologyOrder, light: bool = False) -> tuple[str, A
     except ValidationError as error:  # never the values: they are clinical data
         return FAILED, f"batch{order.batch} ended unexpectedly: {describe_invalid(error, 'data')}"
     except Exception as error:
-        return FAILED, f"batch{order.batch} ended unexpectedly: {type(error).__name__}: {error}"
+        return FAILED, f"batch{order.batch} ended unexpectedly: {unexpected(error)}"
+
+
+def unexpected(error: Exception) -> str:
+    """An unexpected error for `last_error`: its type, and for an HTTP error the status and path, never the text
+    (Prefect's 422 quotes the run's parameters, clinical data included)."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"{type(error).__name__}: HTTP {error.response.status_code} from {error.request.url.path}"
+    return type(error).__name__
 
 
 async def _record(order: RadiologyOrder, worker: str, outcome: str, detail: Any) -> str:

@@ -20,6 +20,7 @@ No I/O here: the table's shape, the status names and pure helpers. The queries l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,6 +72,9 @@ EXAM_CODE_LENGTH: Final = 16
 STATUS_LENGTH: Final = 16
 WORKER_ID_LENGTH: Final = 128
 ACCESSION_CONSTRAINT: Final = "uq_radiology_order_accession_number"
+PAYLOAD_MAX_BYTES: Final = 256 * 1024
+"""The largest batch body (as JSON) an order may hold: half of what the Prefect server takes as a run's parameters
+(512 KiB), so the validated input with its defaults always fits. A real body is about 1 KiB."""
 LAST_ERROR_MAX_CHARS: Final = 4000
 """`last_error` is cut to this: a message, not a dump (and well inside MariaDB's 64 KiB TEXT)."""
 
@@ -193,6 +197,7 @@ def validate_order(batch: int, body: Mapping[str, Any], *, context: dict[str, An
         payload = to_jsonable_python(strip_patient_names(dict(body)))
     except PydanticSerializationError as error:
         raise InvalidOrder(f"payload: not representable as JSON ({error})") from None
+    check_payload_size(payload, f"batch{batch} order")
     try:
         checked = model.model_validate(payload, context=context)
     except ValidationError as error:
@@ -259,6 +264,7 @@ def order_input(order: RadiologyOrder) -> GatewayInput:
     if model is None:
         raise InvalidOrder(f"invalid stored order:\n  batch: must be 1, 2, 3 or 4; got {order.batch!r}")
     payload = order_payload(order)
+    check_payload_size(payload, f"stored batch{order.batch} payload")
     try:
         return model.model_validate(payload)
     except ValidationError:
@@ -269,6 +275,26 @@ def order_input(order: RadiologyOrder) -> GatewayInput:
             f"invalid stored batch{order.batch} payload:\n  "
             + "\n  ".join(f"{field}: cannot be validated ({type(error).__name__})" for field in fields)
         ) from None
+
+
+def check_payload_size(payload: dict[str, Any], what: str) -> None:
+    """Refuse a body larger than `PAYLOAD_MAX_BYTES`, naming its largest field (InvalidOrder).
+
+    The batch flow takes the body as its parameters, and the Prefect server refuses a run whose parameters pass
+    512 KiB: such an order could never run, and retrying it would only fill the log.
+    """
+    try:
+        size = len(json.dumps(payload, default=str).encode())
+    except (TypeError, ValueError, OverflowError):
+        return  # not JSON-ready: validation names the field
+    if size <= PAYLOAD_MAX_BYTES:
+        return
+    sizes = {str(key): len(json.dumps(value, default=str).encode()) for key, value in payload.items()}
+    largest = max(sizes, key=sizes.__getitem__)
+    raise InvalidOrder(
+        f"invalid {what}:\n  {largest}: {sizes[largest]} bytes; the whole body is {size} bytes, more than the "
+        f"{PAYLOAD_MAX_BYTES} a batch takes"
+    )
 
 
 def _fields_that_crash(model: type[GatewayInput], payload: dict[str, Any]) -> list[str]:
