@@ -35,6 +35,9 @@ DEPLOYMENT_NAME = "gateway"
 
 log = logging.getLogger("satset.api")
 
+RETRY_AFTER_S = 30
+"""What a 503 for an unreachable Prefect API suggests the HIS wait before asking again."""
+
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -258,7 +261,15 @@ async def flow_run_status(
     flow_run_id: Annotated[UUID, Path(description="as returned by a 202")], request: Request
 ) -> JSONResponse:
     """Follow a run queued with ?async=true (or any run of the gateway's flows, e.g. from X-Flow-Run-Id)."""
-    found = await flow_backend(request).read(flow_run_id)
+    try:
+        found = await flow_backend(request).read(flow_run_id)
+    except (httpx.HTTPError, PrefectHTTPStatusError, RuntimeError, OSError) as error:
+        log.error("could not read flow run %s: %s", flow_run_id, type(error).__name__)
+        return JSONResponse(
+            {"error": "the Prefect API could not be reached", "detail": f"{type(error).__name__}; try again later"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     if found is None or found[1] not in FLOWS:  # runs of other flows on the same Prefect server are not ours
         return JSONResponse({"error": "no such flow run", "field": "flow_run_id"}, status_code=404)
     run, flow_name = found
