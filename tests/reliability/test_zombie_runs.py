@@ -1,0 +1,84 @@
+"""A flow run whose process died (its heartbeats stopped) is marked Crashed by the automation `satset serve`
+creates; a run that ended, or still beats, is left alone. On a real Prefect server (its proactive triggers run).
+
+The heartbeats are sent here as a run's process sends them (the same event, the same resource), so the test
+controls when they stop; the window is 10 s instead of production's 90 s. Waiting for the server is bounded by
+a deadline, never asserted as a duration."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.events import Event
+from prefect.events.clients import get_events_client
+from prefect.states import Completed, Running
+
+from deployments.zombies import AUTOMATION_NAME, ensure_crash_automation
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+WINDOW_S = 10
+DEADLINE_S = 240.0
+"""How long the server may take to act (it evaluates proactive triggers every few seconds; a loaded CI host is slow)."""
+
+
+@flow(name="zombie-probe")
+def probe() -> None:
+    """Never run: its runs are created and moved by hand."""
+
+
+async def heartbeat(flow_run_id: UUID) -> None:
+    async with get_events_client() as events:
+        await events.emit(
+            Event(
+                event="prefect.flow-run.heartbeat",
+                resource={"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"},
+            )
+        )
+
+
+async def state_of(flow_run_id: UUID) -> StateType | None:
+    async with get_client() as client:
+        return (await client.read_flow_run(flow_run_id)).state_type
+
+
+@pytest.fixture
+async def automation(prefect_server: None) -> AsyncIterator[UUID]:
+    """The automation with the test's short window, deleted afterwards: the Prefect server is the session's, and
+    a 10 s window would crash other tests' served runs (they beat every 180 s)."""
+    created = await ensure_crash_automation(silent_after_s=WINDOW_S)
+    try:
+        yield created
+    finally:
+        async with get_client() as client:
+            for found in await client.read_automations_by_name(AUTOMATION_NAME):
+                await client.delete_automation(found.id)
+
+
+async def test_a_run_whose_heartbeats_stop_is_crashed_and_a_finished_one_is_not(automation: UUID) -> None:
+    assert await ensure_crash_automation(silent_after_s=WINDOW_S) == automation  # idempotent: one automation
+    async with get_client() as client:
+        assert [a.id for a in await client.read_automations_by_name(AUTOMATION_NAME)] == [automation]
+        killed = await client.create_flow_run(probe, state=Running())
+        finished = await client.create_flow_run(probe, state=Running())
+    await heartbeat(killed.id)  # then its process is SIGKILLed: no more heartbeats, no final state
+    await heartbeat(finished.id)
+    async with get_client() as client:
+        await client.set_flow_run_state(finished.id, Completed(), force=True)
+
+    deadline = time.monotonic() + DEADLINE_S
+    while await state_of(killed.id) == StateType.RUNNING and time.monotonic() < deadline:
+        await asyncio.sleep(2)
+
+    async with get_client() as client:
+        crashed = await client.read_flow_run(killed.id)
+    assert crashed.state_type == StateType.CRASHED
+    assert crashed.state is not None and "no heartbeat for 10 s" in (crashed.state.message or "")
+    assert await state_of(finished.id) == StateType.COMPLETED
