@@ -18,8 +18,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.events import Event
 from prefect.events.clients import get_events_client
-from prefect.states import Completed, Running
+from prefect.states import Completed, Pending, Running
 
+from deployments.catalog import DEPLOYMENTS
 from deployments.zombies import AUTOMATION_NAME, ensure_crash_automation
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -82,3 +83,38 @@ async def test_a_run_whose_heartbeats_stop_is_crashed_and_a_finished_one_is_not(
     assert crashed.state_type == StateType.CRASHED
     assert crashed.state is not None and "no heartbeat for 10 s" in (crashed.state.message or "")
     assert await state_of(finished.id) == StateType.COMPLETED
+
+
+async def test_a_crashed_poll_frees_its_deployments_concurrency_slot(automation: UUID) -> None:
+    (poll,) = [d for d in DEPLOYMENTS if d.flow_name == "poll-ris"]
+    assert poll.concurrency is not None and poll.concurrency.limit == 1  # the slot at stake
+    runner_deployment = await poll.to_runner_deployment()  # type: ignore[misc]  # a coroutine in async code
+    runner_deployment.schedules = []  # no polls of its own on the session's server
+    deployment_id = await runner_deployment.apply()
+    try:
+        await _crash_frees_the_slot(deployment_id)
+    finally:
+        async with get_client() as client:
+            await client.delete_deployment(deployment_id)
+
+
+async def _crash_frees_the_slot(deployment_id: UUID) -> None:
+    async with get_client() as client:
+        killed = await client.create_flow_run_from_deployment(deployment_id)
+        await client.set_flow_run_state(killed.id, Pending())  # takes the one slot
+        await client.set_flow_run_state(killed.id, Running())
+        await heartbeat(killed.id)  # then SIGKILLed
+        held = await client.create_flow_run_from_deployment(deployment_id)
+        refused = await client.set_flow_run_state(held.id, Pending())
+    assert refused.state is not None and refused.state.type != StateType.PENDING  # the slot is taken
+
+    deadline = time.monotonic() + DEADLINE_S
+    while await state_of(killed.id) == StateType.RUNNING and time.monotonic() < deadline:
+        await asyncio.sleep(2)
+
+    assert await state_of(killed.id) == StateType.CRASHED
+    async with get_client() as client:
+        next_poll = await client.create_flow_run_from_deployment(deployment_id)
+        started = await client.set_flow_run_state(next_poll.id, Pending())
+        assert started.state is not None and started.state.type == StateType.PENDING  # the slot is free again
+        await client.set_flow_run_state(next_poll.id, Completed(), force=True)
