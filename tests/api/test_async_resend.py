@@ -18,6 +18,7 @@ from prefect.states import Crashed
 from flows import FLOWS
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadStudy
+from tests.reliability.table import append_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -68,6 +69,18 @@ async def test_a_failed_run_is_followed_by_a_new_attempt_that_resumes_and_is_ans
     assert done["result"]["encounter_id"] == gateway.resources("Encounter")[0]["id"]
     after = await his.post("/api/satset/batch1?async=true", json=body)
     assert after.json()["flow_run_id"] == attempt["flow_run_id"]  # a completed attempt stays the answer
+    append_row(
+        "async_resend",
+        {
+            "fault": "async batch1 FAILED by an outage (every POST ServiceRequest 500), resent after it: a new "
+            "attempt resumes from the Encounter",
+            "orders": 1,
+            "done": 1,
+            "failed": 0,
+            "lost": 0,
+            "duplicated": sum(gateway.counts().values()) - 2,
+        },
+    )
 
 
 async def test_a_crashed_run_is_followed_by_a_new_attempt(
@@ -85,3 +98,14 @@ async def test_a_crashed_run_is_followed_by_a_new_attempt(
     await served.start(run_once=True)
     assert (await status(his, resent["flow_run_id"]))["state"] == "COMPLETED"
     assert gateway.counts() == {"Encounter": 1, "ServiceRequest": 1}
+    append_row(
+        "async_resend",
+        {
+            "fault": "async batch1 run CRASHED (its process died), resent: a new attempt runs it",
+            "orders": 1,
+            "done": 1,
+            "failed": 0,
+            "lost": 0,
+            "duplicated": sum(gateway.counts().values()) - 2,
+        },
+    )

@@ -19,6 +19,7 @@ from tests.orders.conftest import BACKENDS, database_for
 from tests.orders.poison import insert_by_sql, poisons_for, state_of
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadStudy
+from tests.reliability.table import append_row
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -64,3 +65,16 @@ async def test_malformed_rows_are_dead_naming_the_field_and_the_good_orders_besi
             assert state.attempts == 1, name  # counted at the claim, dead at its first
     assert gateway.counts()["Encounter"] == len(good)
     assert await poll_ris() == NOTHING  # dead waits for an operator; nothing is claimed again
+    append_row(
+        "poison",
+        {
+            "fault": f"{len(bad)} malformed rows written by SQL beside {len(good)} good orders "
+            f"({'mariadb' if getattr(ris.engine.dialect, 'is_mariadb', False) else ris.engine.dialect.name}): "
+            f"{', '.join(bad)}",
+            "orders": len(good) + len(bad),
+            "done": len(good),
+            "failed": f"{len(bad)} dead at their first claim, each reason naming the field",
+            "lost": 0,  # every good one done, every bad one dead with its reason: asserted above
+            "duplicated": gateway.counts()["Encounter"] - len(good),
+        },
+    )
