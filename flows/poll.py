@@ -12,8 +12,14 @@ others. What is recorded:
 * success: the ids the batch created or adopted, status done;
 * BatchFailed: its message (the step, the cause, the ids so far; never a patient name), retried later with
   backoff unless the cause is Rejected (the platform or the PACS refused the request: retrying cannot help → dead);
-* a stored payload that no longer validates: dead, with the field named (an operator fixes the order);
-* anything else (a bug, a crash inside Prefect): failed and retried, as nothing says a retry is useless.
+* a stored payload that no longer validates, is not a JSON object, crashes a validator (an OverflowError from a
+  date at the calendar's edge) or is too large to be a run's parameters: dead, with the field named (an operator
+  fixes the order);
+* anything else (a bug, a crash inside Prefect): failed and retried, as nothing says a retry is useless; recorded
+  by its type (and HTTP status), never its text, which may quote the payload.
+
+Rows the claim cannot hand out (a column Python cannot read; attempts used up, e.g. by a poller that crashed on
+every attempt) are made dead by the claim itself and counted here as claimed and dead (clients/ris.py).
 
 While an order runs, its lease is renewed every third of ORDER_LEASE_S, so only a poller that stopped (crash,
 hang, lost network) hands its orders to another. Re-running a batch is safe: every step adopts what exists.
