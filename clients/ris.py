@@ -452,7 +452,7 @@ class RisStore:
         if limit is not None:
             query = query.limit(limit)
         with self._sessions() as session:
-            found = list(session.scalars(query))
+            found = _read(session, query)
         return found[::-1] if newest else found
 
     def counts(self) -> dict[str, int]:
@@ -516,9 +516,37 @@ class RisStore:
 
     @staticmethod
     def _find(session: Session, accession_number: str) -> RadiologyOrder | None:
-        return session.scalars(
-            sa.select(RadiologyOrder).where(col(RadiologyOrder.accession_number) == accession_number)
-        ).one_or_none()
+        found = _read(
+            session, sa.select(RadiologyOrder).where(col(RadiologyOrder.accession_number) == accession_number)
+        )
+        return found[0] if found else None
+
+
+def _read(session: Session, query: sa.Select[tuple[RadiologyOrder]]) -> list[RadiologyOrder]:
+    """The orders `query` selects, for an operator: a row with a column Python cannot read (written by SQL: invalid
+    JSON, a 5000-digit number) is shown with that column None instead of failing the whole list; its `last_error`
+    (written when the claim made it dead) names the column."""
+    try:
+        return list(session.scalars(query))
+    except sa.exc.DBAPIError:
+        raise
+    except Exception:
+        session.expunge_all()
+    table = RadiologyOrder.__table__  # type: ignore[attr-defined]
+    orders = []
+    for order_id in session.scalars(query.with_only_columns(col(RadiologyOrder.id))):
+        values: dict[str, Any] = {}
+        for column in table.columns:
+            try:
+                values[column.name] = session.execute(
+                    sa.select(column).where(col(RadiologyOrder.id) == order_id)
+                ).scalar_one()
+            except sa.exc.DBAPIError:
+                raise
+            except Exception:
+                values[column.name] = None
+        orders.append(RadiologyOrder.model_construct(**values))
+    return orders
 
 
 @dataclass
