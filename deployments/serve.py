@@ -129,8 +129,8 @@ def serve_gateway(
         raise ServeError(f"--poll-interval must be at least 1 second, not {poll_interval_s}")
     prefect_api_url()
     pin_result_storage()  # the flow runs are subprocesses of this one: they inherit the environment
-    heartbeat_environment()  # likewise: each run sends heartbeats, and one that stops is Crashed (zombies.py)
-    asyncio.run(ensure_crash_automation())
+    silent_after_s = heartbeat_environment()  # likewise: each run beats, and one that stops is Crashed (zombies.py)
+    asyncio.run(ensure_crash_automation(silent_after_s))
     served, skipped = available_deployments()
     runner_deployments = [d.to_runner_deployment(interval_s=poll_interval_s) for d in served]
     for line in describe(served, skipped, limit, poll_interval_s):

@@ -28,16 +28,25 @@ HEARTBEAT_S: Final = 30
 """PREFECT_FLOWS_HEARTBEAT_FREQUENCY for the runs `satset serve` starts (Prefect's minimum; its default is 180)."""
 
 SILENT_AFTER_S: Final = 90
-"""Three missed heartbeats: a run silent this long after its last one is Crashed. A busy host may delay one
-heartbeat (they come from a thread of the run's process), never three in a row while the process lives."""
+"""Three missed heartbeats (MISSED_HEARTBEATS): a run silent this long after its last one is Crashed. A busy host
+may delay one heartbeat (they come from a thread of the run's process), never three in a row while it lives."""
 
 AUTOMATION_NAME: Final = "satset: crash flow runs whose process died"
 
 
-def heartbeat_environment(environ: MutableMapping[str, str] = os.environ) -> str:
+MISSED_HEARTBEATS: Final = 3
+
+
+def heartbeat_environment(environ: MutableMapping[str, str] = os.environ) -> float:
     """Turn heartbeats on at HEARTBEAT_S for the flow runs this process starts (they inherit the environment),
-    unless the operator set a frequency already; returns the frequency in force."""
-    return environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
+    unless the operator set a frequency already; returns the silence after which a run counts as dead:
+    SILENT_AFTER_S, or three of the operator's beats if theirs are slower (a live run is never crashed)."""
+    frequency = environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
+    try:
+        beats = float(frequency)
+    except ValueError:
+        beats = float(HEARTBEAT_S)  # Prefect refuses the value at the run's start and says why
+    return max(float(SILENT_AFTER_S), MISSED_HEARTBEATS * beats)
 
 
 def crash_automation_spec(silent_after_s: float = SILENT_AFTER_S) -> AutomationCore:
@@ -64,6 +73,10 @@ def crash_automation_spec(silent_after_s: float = SILENT_AFTER_S) -> AutomationC
                 "prefect.flow-run.Crashed",
             },
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            # Only runs of deployments (served or from a worker), which beat every HEARTBEAT_S: a flow called
+            # in-process (the HIS API's synchronous calls, `satset run`, a poll's batch subflows) beats at
+            # Prefect's default 180 s and would be crashed, alive, by a 90 s window.
+            match_related=ResourceSpecification({"prefect.resource.role": "deployment"}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,

@@ -15,8 +15,8 @@ from uuid import UUID
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import StateType
-from prefect.events import Event
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.events import Event, RelatedResource
 from prefect.events.clients import get_events_client
 from prefect.states import Completed, Pending, Running
 
@@ -35,14 +35,38 @@ def probe() -> None:
     """Never run: its runs are created and moved by hand."""
 
 
-async def heartbeat(flow_run_id: UUID) -> None:
+async def heartbeat(run: FlowRun) -> None:
+    """The event a run's process sends, with the same resource and the deployment related as the engine does."""
+    related = []
+    if run.deployment_id is not None:
+        related.append(
+            RelatedResource(
+                {
+                    "prefect.resource.id": f"prefect.deployment.{run.deployment_id}",
+                    "prefect.resource.role": "deployment",
+                }
+            )
+        )
     async with get_events_client() as events:
         await events.emit(
             Event(
                 event="prefect.flow-run.heartbeat",
-                resource={"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"},
+                resource={"prefect.resource.id": f"prefect.flow-run.{run.id}"},
+                related=related,
             )
         )
+
+
+@pytest.fixture
+async def probe_deployment(prefect_server: None) -> AsyncIterator[UUID]:
+    """A deployment of the probe flow, as `satset serve` registers the gateway's, deleted afterwards."""
+    deployment = await probe.ato_deployment(name="zombie-probe")
+    deployment_id = await deployment.apply()
+    try:
+        yield deployment_id
+    finally:
+        async with get_client() as client:
+            await client.delete_deployment(deployment_id)
 
 
 async def state_of(flow_run_id: UUID) -> StateType | None:
@@ -63,14 +87,19 @@ async def automation(prefect_server: None) -> AsyncIterator[UUID]:
                 await client.delete_automation(found.id)
 
 
-async def test_a_run_whose_heartbeats_stop_is_crashed_and_a_finished_one_is_not(automation: UUID) -> None:
+async def test_a_run_whose_heartbeats_stop_is_crashed_and_a_finished_or_in_process_one_is_not(
+    automation: UUID, probe_deployment: UUID
+) -> None:
     assert await ensure_crash_automation(silent_after_s=WINDOW_S) == automation  # idempotent: one automation
     async with get_client() as client:
         assert [a.id for a in await client.read_automations_by_name(AUTOMATION_NAME)] == [automation]
-        killed = await client.create_flow_run(probe, state=Running())
-        finished = await client.create_flow_run(probe, state=Running())
-    await heartbeat(killed.id)  # then its process is SIGKILLed: no more heartbeats, no final state
-    await heartbeat(finished.id)
+        killed = await client.create_flow_run_from_deployment(probe_deployment)
+        finished = await client.create_flow_run_from_deployment(probe_deployment)
+        in_process = await client.create_flow_run(probe, state=Running())  # `satset api`: beats every 180 s
+        for run in (killed, finished):
+            await client.set_flow_run_state(run.id, Running(), force=True)
+    for run in (killed, finished, in_process):
+        await heartbeat(run)  # then `killed`'s process is SIGKILLed: no more heartbeats, no final state
     async with get_client() as client:
         await client.set_flow_run_state(finished.id, Completed(), force=True)
 
@@ -83,6 +112,7 @@ async def test_a_run_whose_heartbeats_stop_is_crashed_and_a_finished_one_is_not(
     assert crashed.state_type == StateType.CRASHED
     assert crashed.state is not None and "no heartbeat for 10 s" in (crashed.state.message or "")
     assert await state_of(finished.id) == StateType.COMPLETED
+    assert await state_of(in_process.id) == StateType.RUNNING  # not a deployment's run: not watched
 
 
 async def test_a_crashed_poll_frees_its_deployments_concurrency_slot(automation: UUID) -> None:
@@ -103,7 +133,8 @@ async def _crash_frees_the_slot(deployment_id: UUID) -> None:
         killed = await client.create_flow_run_from_deployment(deployment_id)
         await client.set_flow_run_state(killed.id, Pending())  # takes the one slot
         await client.set_flow_run_state(killed.id, Running())
-        await heartbeat(killed.id)  # then SIGKILLed
+        killed = await client.read_flow_run(killed.id)
+        await heartbeat(killed)  # then SIGKILLed
         held = await client.create_flow_run_from_deployment(deployment_id)
         refused = await client.set_flow_run_state(held.id, Pending())
     assert refused.state is not None and refused.state.type != StateType.PENDING  # the slot is taken
