@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 from uuid import UUID
 
 import httpx
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments.flow_runs import arun_deployment
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.utilities.urls import url_for
@@ -34,6 +34,9 @@ DEPLOYMENT_NAME = "gateway"
 """Every flow has one deployment of this name: "<flow>/gateway" (e.g. "batch4/gateway")."""
 
 log = logging.getLogger("satset.api")
+
+RETRY_AFTER_S = 30
+"""What a 503 for an unreachable Prefect API suggests the HIS wait before asking again."""
 
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -175,12 +178,44 @@ class Accepted(BaseModel):
     flow_run_id: str
     flow_run_name: str
     state: str
-    """The run's state now: SCHEDULED for a new run; for a key sent before, whatever that run reached."""
+    """The run's state now: SCHEDULED for a new run; for a key sent before, whatever that run reached (a FAILED or
+    CRASHED run is followed by a new attempt, and the answer is that attempt)."""
     idempotency_key: str
+    """The key of the run answered: the one sent (or "<flow>:<ACSN>"), with "#2", "#3"… for later attempts."""
     ui_url: str | None
     """The run's page in the Prefect UI (null when PREFECT_UI_URL is not known)."""
     status_url: str
     """GET it for the state and, once COMPLETED, the result."""
+
+
+RESUMABLE: Final = frozenset({StateType.FAILED, StateType.CRASHED})
+"""States of a queued run that an idempotent resend follows with a new attempt: it failed (an outage outlasted its
+retries) or its process died (`satset serve` killed; Prefect marks the run Crashed, see deployments/). A
+cancelled run is an operator's decision and is answered as it is; a completed one is the answer."""
+
+MAX_ATTEMPTS: Final = 100
+"""Attempts per order key before the API stops making new ones (a HIS resending a hopeless order all day)."""
+
+
+def attempt_key(key: str, attempt: int) -> str:
+    """The idempotency key of attempt `attempt` (1-based) of an order: the key itself, then "<key>#2", "<key>#3"…"""
+    return key if attempt == 1 else f"{key}#{attempt}"
+
+
+async def _queue_attempt(
+    backend: FlowBackend, name: str, parameters: dict[str, Any], key: str | None
+) -> tuple[FlowRun, str | None]:
+    """The run answering this send, and its key: the order's latest attempt, or a new attempt after one that
+    FAILED or CRASHED. Each attempt has its own idempotency key, so concurrent resends meet on the same new run;
+    the new run resumes, as every step adopts what the earlier attempt created (create-or-adopt)."""
+    run = await backend.queue(name, parameters, key)
+    if key is None:
+        return run, key
+    attempt = 1
+    while run.state_type in RESUMABLE and attempt < MAX_ATTEMPTS:
+        attempt += 1
+        run = await backend.queue(name, parameters, attempt_key(key, attempt))
+    return run, attempt_key(key, attempt)
 
 
 async def submit(
@@ -190,7 +225,7 @@ async def submit(
     key = mode.idempotency_key or (f"{flow}:{order_key}" if order_key else None)
     name = deployment_name(flow)
     try:
-        run = await flow_backend(request).queue(name, parameters, key)
+        run, key = await _queue_attempt(flow_backend(request), name, parameters, key)
     except ObjectNotFound:
         return JSONResponse(
             {
@@ -258,7 +293,15 @@ async def flow_run_status(
     flow_run_id: Annotated[UUID, Path(description="as returned by a 202")], request: Request
 ) -> JSONResponse:
     """Follow a run queued with ?async=true (or any run of the gateway's flows, e.g. from X-Flow-Run-Id)."""
-    found = await flow_backend(request).read(flow_run_id)
+    try:
+        found = await flow_backend(request).read(flow_run_id)
+    except (httpx.HTTPError, PrefectHTTPStatusError, RuntimeError, OSError) as error:
+        log.error("could not read flow run %s: %s", flow_run_id, type(error).__name__)
+        return JSONResponse(
+            {"error": "the Prefect API could not be reached", "detail": f"{type(error).__name__}; try again later"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     if found is None or found[1] not in FLOWS:  # runs of other flows on the same Prefect server are not ours
         return JSONResponse({"error": "no such flow run", "field": "flow_run_id"}, status_code=404)
     run, flow_name = found

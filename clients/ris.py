@@ -22,7 +22,9 @@ quotes the SQL, never the bound values (payloads hold clinical text).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,7 +35,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlmodel import col
 
+from models.inputs import ACSN_MAX_LENGTH
 from models.orders import (
+    ACSN_COLLATION,
     DEAD,
     DONE,
     FAILED,
@@ -50,6 +54,7 @@ from models.orders import (
 from models.settings import RisSettings
 
 __all__ = [
+    "Claim",
     "DuplicateOrder",
     "InvalidOrder",
     "NotRedrivable",
@@ -131,6 +136,30 @@ class RisStore:
         except SQLAlchemyError:
             if not sa.inspect(self.engine).has_table(table.name):
                 raise  # another process creating it at the same moment is the only excuse
+        self._binary_accession()
+
+    def _binary_accession(self) -> None:
+        """A MariaDB table created before the accession number had its binary collation gets it now.
+
+        The old case-insensitive unique key cannot hold two ACSNs differing in case only, so the change finds no
+        duplicates to refuse; afterwards `accm001` and `ACCM001` are two orders, as on PostgreSQL and SQLite.
+        """
+        if self.engine.dialect.name not in ("mysql", "mariadb"):
+            return
+        with self.engine.begin() as connection:
+            collation = connection.execute(
+                sa.text(
+                    "SELECT COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+                    "AND TABLE_NAME = 'radiology_order' AND COLUMN_NAME = 'accession_number'"
+                )
+            ).scalar_one_or_none()
+            if collation is not None and collation != ACSN_COLLATION:
+                connection.execute(
+                    sa.text(
+                        f"ALTER TABLE radiology_order MODIFY accession_number VARCHAR({ACSN_MAX_LENGTH}) "
+                        f"CHARACTER SET utf8mb4 COLLATE {ACSN_COLLATION} NOT NULL"
+                    )
+                )
 
     def _check_server(self) -> None:
         """MariaDB before 10.6 (or MySQL before 8) parses no SKIP LOCKED: say so at start-up, not at the first claim."""
@@ -187,9 +216,24 @@ class RisStore:
     def claim(self, worker_id: str, limit: int, now: datetime | None = None) -> list[RadiologyOrder]:
         """Take up to `limit` claimable orders for `worker_id`; no other claimer gets any of them.
 
+        The orders to run only: see `claim_report` for the ones a claim found spent or unreadable and buried.
+        """
+        return self.claim_report(worker_id, limit, now).orders
+
+    def claim_report(self, worker_id: str, limit: int, now: datetime | None = None) -> Claim:
+        """Take up to `limit` claimable orders for `worker_id`; no other claimer gets any of them.
+
         Claimable, in this order: in_progress with `lease_expires_at <= now` (its worker died), failed with
-        `next_attempt_at <= now`, pending; each kind earliest due first. Each claimed order has `attempts + 1`,
-        in_progress, `claimed_by = worker_id` and a lease until `now + lease`.
+        `next_attempt_at <= now`, pending; each kind earliest due first. Each claimed order has `attempts + 1`
+        (counted at the claim, so a poller that dies mid-run has used the attempt up), in_progress,
+        `claimed_by = worker_id` and a lease until `now + lease`.
+
+        Two kinds of claimable order are made dead here instead of being returned, each with its reason in
+        `last_error` (and in `Claim.dead`), so one bad row never stops a poll nor comes back forever:
+        * spent: `attempts` has reached `max_attempts` already (its poller stopped on every attempt: crash,
+          kill, hang; the lease ran out each time);
+        * unreadable: a column the database holds but Python cannot read (invalid JSON, a 5000-digit number, a
+          date-time SQLite stored as any text), named in the reason.
 
         One SELECT per kind, each a range of its own index, so a table full of done orders (they are never
         deleted) costs nothing to poll; all in one transaction, locked `FOR UPDATE SKIP LOCKED` where the database
@@ -197,8 +241,9 @@ class RisStore:
         """
         if not worker_id:
             raise ValueError("worker_id must not be empty")
+        claim = Claim([], [])
         if limit < 1:
-            return []
+            return claim
         now = _aware(now)
         with self._sessions() as session, session.begin():
             candidates: list[int] = []
@@ -208,14 +253,89 @@ class RisStore:
                 candidates += session.scalars(
                     kind.limit(limit - len(candidates)).with_for_update(skip_locked=True)  # SQLite renders nothing
                 ).all()
-            taken = [order_id for order_id in candidates if self._take(session, order_id, worker_id, now)]
-            if not taken:
-                return []
-            claimed = {
-                order.id: order
-                for order in session.scalars(sa.select(RadiologyOrder).where(col(RadiologyOrder.id).in_(taken)))
-            }
-            return [claimed[order_id] for order_id in taken]
+            taken = []
+            for order_id in candidates:
+                spent = self._spent(session, order_id, now)
+                if spent is not None:
+                    claim.dead.append(self._bury(session, order_id, worker_id, spent, now))
+                elif self._take(session, order_id, worker_id, now):
+                    taken.append(order_id)
+            if taken:
+                claim.orders.extend(self._load(session, taken, worker_id, now, claim.dead))
+        return claim
+
+    def _spent(self, session: Session, order_id: int, now: datetime) -> str | None:
+        """Why a claimable order is out of attempts already (None if it has some left): claiming it would run it
+        past ORDER_MAX_ATTEMPTS, and an order whose every claim crashed its poller would never end."""
+        row = session.execute(
+            sa.select(col(RadiologyOrder.status), col(RadiologyOrder.last_error)).where(
+                col(RadiologyOrder.id) == order_id,
+                _claimable(now),
+                col(RadiologyOrder.attempts) >= self.max_attempts,
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        status, previous = row
+        if status == IN_PROGRESS:
+            reason = (
+                f"attempts: all {self.max_attempts} (ORDER_MAX_ATTEMPTS) ended without an outcome: the poller running "
+                "the order stopped (crash, kill or hang) and its lease ran out each time; run it by hand, or redrive "
+                "it once the cause is found"
+            )
+        else:
+            reason = (
+                f"attempts: the row says its {self.max_attempts} (ORDER_MAX_ATTEMPTS) attempts are used up already; "
+                "redrive it to run it again"
+            )
+        return reason if not previous else f"{reason}\nbefore that: {previous}"
+
+    def _bury(self, session: Session, order_id: int, worker_id: str, reason: str, now: datetime) -> tuple[str, str]:
+        """Make an order dead with `reason`, held or claimable (the caller has it locked); (ACSN, reason)."""
+        session.execute(
+            sa.update(RadiologyOrder)
+            .where(col(RadiologyOrder.id) == order_id)
+            .values(
+                status=DEAD,
+                claimed_by=worker_id,
+                lease_expires_at=None,
+                next_attempt_at=None,
+                last_error=truncate_error(reason),
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        accession = session.scalars(
+            sa.select(col(RadiologyOrder.accession_number)).where(col(RadiologyOrder.id) == order_id)
+        ).one()
+        return accession, reason
+
+    def _load(
+        self, session: Session, taken: list[int], worker_id: str, now: datetime, dead: list[tuple[str, str]]
+    ) -> list[RadiologyOrder]:
+        """The taken orders as objects, in `taken` order; one that cannot be read is buried (reason in `dead`).
+
+        One SELECT for all; only when it fails (a row Python cannot read) one per order, to find the culprit.
+        """
+        query = sa.select(RadiologyOrder)
+        try:
+            found = {order.id: order for order in session.scalars(query.where(col(RadiologyOrder.id).in_(taken)))}
+            return [found[order_id] for order_id in taken]
+        except sa.exc.DBAPIError:
+            raise  # the database's own error: the transaction is gone, and the claim with it
+        except Exception:
+            session.expunge_all()
+        orders = []
+        for order_id in taken:
+            try:
+                orders.append(session.scalars(query.where(col(RadiologyOrder.id) == order_id)).one())
+            except sa.exc.DBAPIError:
+                raise
+            except Exception:
+                session.expunge_all()
+                reason = _unreadable(session, order_id)
+                dead.append(self._bury(session, order_id, worker_id, reason, now))
+        return orders
 
     def _take(self, session: Session, order_id: int, worker_id: str, now: datetime) -> bool:
         """The conditional UPDATE: marks the order claimed only if it is still claimable, and says whether it did."""
@@ -332,7 +452,7 @@ class RisStore:
         if limit is not None:
             query = query.limit(limit)
         with self._sessions() as session:
-            found = list(session.scalars(query))
+            found = _read(session, query)
         return found[::-1] if newest else found
 
     def counts(self) -> dict[str, int]:
@@ -396,9 +516,64 @@ class RisStore:
 
     @staticmethod
     def _find(session: Session, accession_number: str) -> RadiologyOrder | None:
-        return session.scalars(
-            sa.select(RadiologyOrder).where(col(RadiologyOrder.accession_number) == accession_number)
-        ).one_or_none()
+        found = _read(
+            session, sa.select(RadiologyOrder).where(col(RadiologyOrder.accession_number) == accession_number)
+        )
+        return found[0] if found else None
+
+
+def _read(session: Session, query: sa.Select[tuple[RadiologyOrder]]) -> list[RadiologyOrder]:
+    """The orders `query` selects, for an operator: a row with a column Python cannot read (written by SQL: invalid
+    JSON, a 5000-digit number) is shown with that column None instead of failing the whole list; its `last_error`
+    (written when the claim made it dead) names the column."""
+    try:
+        return list(session.scalars(query))
+    except sa.exc.DBAPIError:
+        raise
+    except Exception:
+        session.expunge_all()
+    table = RadiologyOrder.__table__  # type: ignore[attr-defined]
+    orders = []
+    for order_id in session.scalars(query.with_only_columns(col(RadiologyOrder.id))):
+        values: dict[str, Any] = {}
+        for column in table.columns:
+            try:
+                values[column.name] = session.execute(
+                    sa.select(column).where(col(RadiologyOrder.id) == order_id)
+                ).scalar_one()
+            except sa.exc.DBAPIError:
+                raise
+            except Exception:
+                values[column.name] = None
+        orders.append(RadiologyOrder.model_construct(**values))
+    return orders
+
+
+@dataclass
+class Claim:
+    """What one claim took: the orders to run, and the (ACSN, reason) of those it made dead instead."""
+
+    orders: list[RadiologyOrder]
+    dead: list[tuple[str, str]]
+
+
+def _unreadable(session: Session, order_id: int) -> str:
+    """Which of an order's columns Python cannot read, and why (the error's type, never the value)."""
+    faults = []
+    for column in RadiologyOrder.__table__.columns:  # type: ignore[attr-defined]
+        try:
+            session.execute(sa.select(column).where(col(RadiologyOrder.id) == order_id)).scalar_one()
+        except sa.exc.DBAPIError:
+            raise
+        except Exception as error:
+            why = (
+                f"{type(error).__name__}: {error.msg}"
+                if isinstance(error, json.JSONDecodeError)
+                else type(error).__name__
+            )
+            faults.append(f"{column.name}: the stored value cannot be read ({why})")
+    found = "\n  ".join(faults) or "the row cannot be read"
+    return f"invalid stored order:\n  {found}\nthe order can never run as it is: fix the row, then redrive it"
 
 
 def is_transient(error: BaseException) -> bool:

@@ -17,11 +17,12 @@ import inspect
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
 from deployments.catalog import DEPLOYMENTS, GatewayDeployment
+from deployments.zombies import HEARTBEAT_S, SILENT_AFTER_S
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = PROJECT_ROOT / "prefect.yaml"
@@ -59,6 +60,9 @@ DEPLOYMENT_KEYS = frozenset(
         "pull",
     }
 )
+JOB_VARIABLES: Final = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}}
+"""What each worker-run flow run gets: heartbeats as often as `satset serve`'s runs (deployments/zombies.py), so
+the automation that crashes a silent run never crashes a live one started by a worker."""
 WORK_POOL_KEYS = frozenset({"name", "work_queue_name", "job_variables"})
 CONCURRENCY_KEYS = frozenset({"limit", "collision_strategy", "grace_period_seconds"})
 COLLISION_STRATEGIES = frozenset({"ENQUEUE", "CANCEL_NEW"})
@@ -92,7 +96,10 @@ definitions:
   work_pool: &satset_pool
     name: {WORK_POOL}
     work_queue_name: default
-    job_variables: {{}}
+    # Runs beat every {HEARTBEAT_S} s; `satset serve`'s automation crashes one silent for {SILENT_AFTER_S} s.
+    job_variables:
+      env:
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: '{HEARTBEAT_S}'
 
 deployments:
 """
@@ -125,7 +132,7 @@ def _expected_entry(deployment: GatewayDeployment) -> dict[str, Any]:
             "limit": deployment.concurrency.limit,
             "collision_strategy": deployment.concurrency.collision_strategy,
         }
-    entry["work_pool"] = {"name": WORK_POOL, "work_queue_name": "default", "job_variables": {}}
+    entry["work_pool"] = {"name": WORK_POOL, "work_queue_name": "default", "job_variables": JOB_VARIABLES}
     return entry
 
 

@@ -6,10 +6,12 @@ UI, the HIS API or the schedule creates in a subprocess of its own, at most `lim
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, MutableMapping, Sequence
 
 from deployments.catalog import GatewayDeployment, available_deployments
+from deployments.zombies import SILENT_AFTER_S, ensure_crash_automation, heartbeat_environment
 
 DEFAULT_LIMIT = 4
 """Flow runs at once on one gateway host: each is a Python process; the DICOM Router takes 4 associations."""
@@ -94,6 +96,7 @@ def describe(
     ui = prefect_ui_url()
     if ui:
         lines.append(f"Prefect UI: {ui}/deployments")
+    lines.append(f"A flow run whose process dies is marked Crashed within about {SILENT_AFTER_S + 5} s (heartbeats).")
     lines.append("Ctrl-C stops serving; schedules stay active and runs wait for the next `satset serve`.")
     return lines
 
@@ -126,6 +129,8 @@ def serve_gateway(
         raise ServeError(f"--poll-interval must be at least 1 second, not {poll_interval_s}")
     prefect_api_url()
     pin_result_storage()  # the flow runs are subprocesses of this one: they inherit the environment
+    silent_after_s = heartbeat_environment()  # likewise: each run beats, and one that stops is Crashed (zombies.py)
+    asyncio.run(ensure_crash_automation(silent_after_s))
     served, skipped = available_deployments()
     runner_deployments = [d.to_runner_deployment(interval_s=poll_interval_s) for d in served]
     for line in describe(served, skipped, limit, poll_interval_s):

@@ -12,8 +12,14 @@ others. What is recorded:
 * success: the ids the batch created or adopted, status done;
 * BatchFailed: its message (the step, the cause, the ids so far; never a patient name), retried later with
   backoff unless the cause is Rejected (the platform or the PACS refused the request: retrying cannot help → dead);
-* a stored payload that no longer validates: dead, with the field named (an operator fixes the order);
-* anything else (a bug, a crash inside Prefect): failed and retried, as nothing says a retry is useless.
+* a stored payload that no longer validates, is not a JSON object, crashes a validator (an OverflowError from a
+  date at the calendar's edge) or is too large to be a run's parameters: dead, with the field named (an operator
+  fixes the order);
+* anything else (a bug, a crash inside Prefect): failed and retried, as nothing says a retry is useless; recorded
+  by its type (and HTTP status), never its text, which may quote the payload.
+
+Rows the claim cannot hand out (a column Python cannot read; attempts used up, e.g. by a poller that crashed on
+every attempt) are made dead by the claim itself and counted here as claimed and dead (clients/ris.py).
 
 While an order runs, its lease is renewed every third of ORDER_LEASE_S, so only a poller that stopped (crash,
 hang, lost network) hands its orders to another. Re-running a batch is safe: every step adopts what exists.
@@ -27,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final
 
+import httpx
 from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
@@ -36,11 +43,11 @@ from pydantic import Field, ValidationError
 from clients.errors import Rejected, Retryable
 from flows.batches import batch1, batch2, batch3, batch4, light_steps, run_batch1, run_batch2, run_batch3, run_batch4
 from flows.steps import BatchFailed
-from models.orders import DEAD, DONE, FAILED, RadiologyOrder, describe_invalid, order_input
+from models.orders import DEAD, DONE, FAILED, InvalidOrder, RadiologyOrder, describe_invalid, order_input
 from models.settings import RisSettings, load_settings
 from tasks.artifacts import publish_summary
 from tasks.retry import FHIR_RETRIES, FHIR_RETRY_DELAYS_S, JITTER
-from tasks.ris import claim_orders, complete_order, fail_order, renew_lease
+from tasks.ris import claim_work, complete_order, fail_order, renew_lease
 
 LOST: Final = "lost"
 """An outcome that could not be written: the claim passed to another worker, or the database stayed away.
@@ -101,16 +108,23 @@ async def poll_ris(
     settings = load_settings(RisSettings)
     worker = worker_id()
     started = time.monotonic()
-    orders = await claim_orders(worker, batch_size or settings.poll_batch_size)
+    claim = await claim_work(worker, batch_size or settings.poll_batch_size)
+    orders = claim.orders
     claimed_s = time.monotonic() - started
     logger.info("worker %s claimed %d order(s)", worker, len(orders))
+    for accession, reason in claim.dead:
+        logger.warning("order %s dead at its claim: %s", accession, reason)
 
     limit = asyncio.Semaphore(concurrency or settings.poll_concurrency)
     renew_every_s = max(settings.order_lease_s / 3, MIN_RENEW_INTERVAL_S)
     light = settings.poll_order_runs == "task"
     outcomes = await asyncio.gather(*(_run_order(order, worker, limit, renew_every_s, light) for order in orders))
 
-    summary = {"claimed": len(orders), **{status: outcomes.count(status) for status in (DONE, FAILED, DEAD, LOST)}}
+    outcomes += [DEAD] * len(claim.dead)
+    summary = {
+        "claimed": len(outcomes),
+        **{status: outcomes.count(status) for status in (DONE, FAILED, DEAD, LOST)},
+    }
     durations = {"claim": round(claimed_s, 3), "orders": round(time.monotonic() - started - claimed_s, 3)}
     logger.info("poll-ris %s", ", ".join(f"{key} {value}" for key, value in summary.items()))
     await publish_summary("poll-ris", None, summary, durations)
@@ -127,9 +141,11 @@ async def _run_order(
         renewing = asyncio.create_task(_keep_lease(order, worker, renew_every_s, finished))
         try:
             outcome, detail = await _run_batch(order, light)
+        except Exception as error:  # _run_batch answers every failure; this is the net under it
+            outcome, detail = FAILED, f"poll-ris failed running the order: {type(error).__name__}"
         finally:
             finished.set()  # not cancel(): a renewal in flight completes, and no task run is left 'Crashed'
-            await renewing
+            await asyncio.gather(renewing, return_exceptions=True)
         return await _record(order, worker, outcome, detail)
 
 
@@ -139,6 +155,10 @@ async def _run_batch(order: RadiologyOrder, light: bool = False) -> tuple[str, A
         payload = order_input(order)
     except ValidationError as error:
         return DEAD, describe_invalid(error, f"stored batch{order.batch} payload")
+    except InvalidOrder as error:
+        return DEAD, str(error)
+    except Exception as error:  # order_input names what it can; a stored payload that crashes it never runs
+        return DEAD, f"invalid stored batch{order.batch} payload: validation failed ({type(error).__name__})"
     try:
         if light:
             return DONE, await run_order(order.batch, order.accession_number, payload)
@@ -148,7 +168,15 @@ async def _run_batch(order: RadiologyOrder, light: bool = False) -> tuple[str, A
     except ValidationError as error:  # never the values: they are clinical data
         return FAILED, f"batch{order.batch} ended unexpectedly: {describe_invalid(error, 'data')}"
     except Exception as error:
-        return FAILED, f"batch{order.batch} ended unexpectedly: {type(error).__name__}: {error}"
+        return FAILED, f"batch{order.batch} ended unexpectedly: {unexpected(error)}"
+
+
+def unexpected(error: Exception) -> str:
+    """An unexpected error for `last_error`: its type, and for an HTTP error the status and path, never the text
+    (Prefect's 422 quotes the run's parameters, clinical data included)."""
+    if isinstance(error, httpx.HTTPStatusError):
+        return f"{type(error).__name__}: HTTP {error.response.status_code} from {error.request.url.path}"
+    return type(error).__name__
 
 
 async def _record(order: RadiologyOrder, worker: str, outcome: str, detail: Any) -> str:

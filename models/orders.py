@@ -20,6 +20,7 @@ No I/O here: the table's shape, the status names and pure helpers. The queries l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,8 +72,21 @@ EXAM_CODE_LENGTH: Final = 16
 STATUS_LENGTH: Final = 16
 WORKER_ID_LENGTH: Final = 128
 ACCESSION_CONSTRAINT: Final = "uq_radiology_order_accession_number"
+PAYLOAD_MAX_BYTES: Final = 256 * 1024
+"""The largest batch body (as JSON) an order may hold: half of what the Prefect server takes as a run's parameters
+(512 KiB), so the validated input with its defaults always fits. A real body is about 1 KiB."""
 LAST_ERROR_MAX_CHARS: Final = 4000
 """`last_error` is cut to this: a message, not a dump (and well inside MariaDB's 64 KiB TEXT)."""
+
+
+ACSN_COLLATION: Final = "utf8mb4_bin"
+"""MariaDB's collation for the accession number: binary, so `accm001` and `ACCM001` are two orders, as they are on
+PostgreSQL and SQLite (both compare strings byte by byte). Under MariaDB's default `utf8mb4_*_ci` they collide
+on the unique key, and one HIS's order would be refused as another's duplicate, or found in its place."""
+
+ACSN_TYPE: Final = sa.String(ACSN_MAX_LENGTH).with_variant(
+    mysql.VARCHAR(ACSN_MAX_LENGTH, charset="utf8mb4", collation=ACSN_COLLATION), "mysql", "mariadb"
+)
 
 
 class UtcDateTime(sa.TypeDecorator[datetime]):
@@ -123,8 +137,9 @@ class RadiologyOrder(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    accession_number: str = Field(max_length=ACSN_MAX_LENGTH, nullable=False)
-    """The order's ACSN (`noacsn`): one order per accession number, DICOM SH (16 characters at most)."""
+    accession_number: str = Field(sa_column=sa.Column(ACSN_TYPE, nullable=False))
+    """The order's ACSN (`noacsn`): one order per accession number, DICOM SH (16 characters at most), compared
+    case-sensitively on every database (`ACSN_TYPE`)."""
     patient_ihs: str = Field(max_length=FHIR_ID_LENGTH, index=True, nullable=False)
     """The patient's SATUSEHAT IHS number (never the name)."""
     attending_practitioner_id: str | None = Field(default=None, max_length=FHIR_ID_LENGTH)
@@ -182,6 +197,7 @@ def validate_order(batch: int, body: Mapping[str, Any], *, context: dict[str, An
         payload = to_jsonable_python(strip_patient_names(dict(body)))
     except PydanticSerializationError as error:
         raise InvalidOrder(f"payload: not representable as JSON ({error})") from None
+    check_payload_size(payload, f"batch{batch} order")
     try:
         checked = model.model_validate(payload, context=context)
     except ValidationError as error:
@@ -224,13 +240,89 @@ def strip_patient_names(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def order_payload(order: RadiologyOrder) -> dict[str, Any]:
-    """The body to run the order's batch flow with (a copy: the caller may not change the row through it)."""
+    """The body to run the order's batch flow with (a copy: the caller may not change the row through it).
+
+    Raises InvalidOrder when the stored payload is not a JSON object (a row written by SQL may hold a string,
+    a list or JSON null): the order can never run as it is.
+    """
+    if not isinstance(order.payload, dict):
+        raise InvalidOrder(
+            f"invalid stored batch{order.batch} payload:\n  payload: must be a JSON object (the batch body); "
+            f"got {_json_kind(order.payload)}"
+        )
     return strip_patient_names(dict(order.payload))
 
 
 def order_input(order: RadiologyOrder) -> GatewayInput:
-    """The order's payload validated as its batch's input (raises pydantic's ValidationError naming the field)."""
-    return BATCH_INPUTS[order.batch].model_validate(order_payload(order))
+    """The order's payload validated as its batch's input, for the poller, which runs rows it did not write.
+
+    Raises pydantic's ValidationError naming the field; InvalidOrder for a batch outside 1–4, a payload that is
+    not a JSON object, or a value the validators crash on (an OverflowError, say, from a date at the edge of the
+    calendar): every one of them names the field, so the order goes dead with a reason an operator can act on.
+    """
+    model = BATCH_INPUTS.get(order.batch) if type(order.batch) is int else None
+    if model is None:
+        raise InvalidOrder(f"invalid stored order:\n  batch: must be 1, 2, 3 or 4; got {order.batch!r}")
+    payload = order_payload(order)
+    check_payload_size(payload, f"stored batch{order.batch} payload")
+    try:
+        return model.model_validate(payload)
+    except ValidationError:
+        raise
+    except Exception as error:  # a validator that raised something pydantic does not turn into a ValidationError
+        fields = _fields_that_crash(model, payload) or ["payload"]
+        raise InvalidOrder(
+            f"invalid stored batch{order.batch} payload:\n  "
+            + "\n  ".join(f"{field}: cannot be validated ({type(error).__name__})" for field in fields)
+        ) from None
+
+
+def check_payload_size(payload: dict[str, Any], what: str) -> None:
+    """Refuse a body larger than `PAYLOAD_MAX_BYTES`, naming its largest field (InvalidOrder).
+
+    The batch flow takes the body as its parameters, and the Prefect server refuses a run whose parameters pass
+    512 KiB: such an order could never run, and retrying it would only fill the log.
+    """
+    try:
+        size = len(json.dumps(payload, default=str).encode())
+    except (TypeError, ValueError, OverflowError):
+        return  # not JSON-ready: validation names the field
+    if size <= PAYLOAD_MAX_BYTES:
+        return
+    sizes = {str(key): len(json.dumps(value, default=str).encode()) for key, value in payload.items()}
+    largest = max(sizes, key=sizes.__getitem__)
+    raise InvalidOrder(
+        f"invalid {what}:\n  {largest}: {sizes[largest]} bytes; the whole body is {size} bytes, more than the "
+        f"{PAYLOAD_MAX_BYTES} a batch takes"
+    )
+
+
+def _fields_that_crash(model: type[GatewayInput], payload: dict[str, Any]) -> list[str]:
+    """The payload's keys whose value alone makes validation raise something other than a ValidationError."""
+    crashing = []
+    for key, value in payload.items():
+        try:
+            model.model_validate({key: value})
+        except ValidationError:
+            continue  # the other fields are missing here: that is expected
+        except Exception:
+            crashing.append(str(key))
+    return crashing
+
+
+def _json_kind(value: Any) -> str:
+    """The JSON name of a value's type, never the value (it may be clinical text)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
 
 
 def order_summary(order: RadiologyOrder) -> dict[str, Any]:

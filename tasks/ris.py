@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from clients.ris import RisStore, is_transient
+from clients.ris import Claim, RisStore, is_transient
 from models.orders import RadiologyOrder
 from models.settings import RisSettings, load_settings
 from tasks.retry import JITTER
@@ -88,6 +88,12 @@ DB_TASK: dict[str, Any] = {
 async def claim_orders(worker_id: str, limit: int) -> list[RadiologyOrder]:
     """Claim up to `limit` due orders for this worker (atomically: no other poller gets them)."""
     return await asyncio.to_thread(lambda: ris_store().claim(worker_id, limit))
+
+
+@task(name="claim-orders", **DB_TASK)
+async def claim_work(worker_id: str, limit: int) -> Claim:
+    """Claim up to `limit` due orders, with those the claim made dead instead (out of attempts, unreadable)."""
+    return await asyncio.to_thread(lambda: ris_store().claim_report(worker_id, limit))
 
 
 @task(name="renew-lease", **DB_TASK)
