@@ -46,6 +46,7 @@ from flows.steps import BatchFailed
 from models.orders import DEAD, DONE, FAILED, InvalidOrder, RadiologyOrder, describe_invalid, order_input
 from models.settings import RisSettings, load_settings
 from tasks.artifacts import publish_summary
+from tasks.events import order_dead
 from tasks.retry import FHIR_RETRIES, FHIR_RETRY_DELAYS_S, JITTER
 from tasks.ris import claim_work, complete_order, fail_order, renew_lease
 
@@ -114,6 +115,7 @@ async def poll_ris(
     logger.info("worker %s claimed %d order(s)", worker, len(orders))
     for accession, reason in claim.dead:
         logger.warning("order %s dead at its claim: %s", accession, reason)
+        order_dead(accession, None, reason)  # the alert (satset alerts) an operator acts on
 
     limit = asyncio.Semaphore(concurrency or settings.poll_concurrency)
     renew_every_s = max(settings.order_lease_s / 3, MIN_RENEW_INTERVAL_S)
@@ -196,6 +198,8 @@ async def _record(order: RadiologyOrder, worker: str, outcome: str, detail: Any)
         return LOST
     if status != DONE:
         logger.warning("order %s %s: %s", order.accession_number, status, detail)
+    if status == DEAD:
+        order_dead(order.accession_number, order.batch, str(detail), attempts=order.attempts)
     return status
 
 

@@ -26,7 +26,7 @@ MAX_REASON_CHARS: Final = 1000
 logger = logging.getLogger(__name__)
 
 
-def order_dead(accession_number: str, batch: int, reason: str, attempts: int | None = None) -> bool:
+def order_dead(accession_number: str, batch: int | None, reason: str, attempts: int | None = None) -> bool:
     """Say that the order with this ACSN went dead, and why; True if the event was handed to Prefect."""
     return _emit(
         ORDER_DEAD,
