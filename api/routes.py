@@ -27,6 +27,7 @@ from api.runs import Accepted, Finished, RunMode, flow_backend, run_headers, run
 from api.validation import InvalidInput
 from clients.errors import FhirRejected, GatewayError, ImagingStudyNotReady
 from clients.satusehat import _escape_search
+from flows.batches import DICOM_PROCESS_KEYS
 from flows.steps import BatchFailed, waiting_at_most
 from models.fhir import IdentifierKind, identifier_system
 from models.inputs import (
@@ -115,23 +116,12 @@ def _lookup_answer(flow: str, finished: Finished) -> JSONResponse:
     return _unexpected(flow, finished)
 
 
-_DICOM_KEYS = (
-    "status",
-    "study_uid",
-    "total_instance",
-    "sent_instance",
-    "patient_modified",
-    "accession_modified",
-    "router",
-)
-
-
 def _dicom_answer(flow: str, finished: Finished) -> JSONResponse:
     """The old /api/dicom/process: 200 with the counts, or {"status": "error", "message"}: 404 for a study the
     PACS does not have (as the old gateway answered), 409 for an accession number that matches several studies
     (the old gateway took the first), 500 for any other failure."""
     if finished.error is None:
-        return JSONResponse({key: finished.result.get(key) for key in _DICOM_KEYS})
+        return JSONResponse({key: finished.result.get(key) for key in DICOM_PROCESS_KEYS})
     failed = finished.error
     status = 500
     if isinstance(failed, BatchFailed) and 400 <= failed.status_code < 500:
