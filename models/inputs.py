@@ -34,9 +34,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime
 from functools import cache
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -825,3 +826,68 @@ class DicomProcessInput(GatewayInput):
                 "accesionnum", "study", "without a Study Instance UID the study is looked up by accession number"
             )
         return value
+
+
+G = TypeVar("G", bound="GatewayInput")
+
+# --- people named by NIK -----------------------------------------------------------------------------------
+
+NIK_FIELDS: Mapping[str, str] = {
+    "subject_nik": "Patient",
+    "individual_nik": "Practitioner",
+    "performer_nik": "Practitioner",
+    "requester_nik": "Practitioner",
+}
+"""Each NIK field and the platform resource its NIK is searched in."""
+
+
+@dataclass(frozen=True)
+class NikLookup:
+    """One NIK to look up: the field it came in (for error messages) and where to search. `nik` is not printed."""
+
+    nik_field: str
+    resource_type: str
+    nik: str = dataclass_field(repr=False)
+
+
+def nik_lookups(payload: GatewayInput) -> list[NikLookup]:
+    """The NIKs of `payload` that must be looked up: those of people it names by NIK only (an IHS id or a
+    reference given beside a NIK wins, and that NIK is not looked up)."""
+    lookups = []
+    for nik_field, resource_type in NIK_FIELDS.items():
+        nik = getattr(payload, nik_field, None)
+        if nik is not None and _nik_target(payload, nik_field) is not None:
+            lookups.append(NikLookup(nik_field, resource_type, nik))
+    return lookups
+
+
+def with_people(payload: G, ihs_ids: Mapping[str, str]) -> G:
+    """`payload` with each looked-up NIK (`ihs_ids`: NIK field → IHS id) put where the IHS id goes, and every NIK
+    field cleared, so the NIK goes no further than the lookup (no run record, artifact or log carries it)."""
+    update: dict[str, Any] = {name: None for name in NIK_FIELDS if name in type(payload).model_fields}
+    for nik_field, ihs_id in ihs_ids.items():
+        target = _nik_target(payload, nik_field)
+        if target is None:
+            continue
+        check_fhir_id(ihs_id)
+        update[target] = ihs_id if target.endswith("_id") else f"{NIK_FIELDS[nik_field]}/{ihs_id}"
+    return payload.model_copy(update=update)
+
+
+def _nik_target(payload: GatewayInput, nik_field: str) -> str | None:
+    """The field a NIK's IHS id fills, or None when the payload already names that person otherwise."""
+    fields = type(payload).model_fields
+    candidates = {
+        "subject_nik": ("subject_id", ("subject_reference", "subject_id")),
+        "individual_nik": ("individual_id", ("individual_reference", "individual_id")),
+        "requester_nik": ("requester_reference", ("requester_reference",)),
+        "performer_nik": (
+            ("performer_id", ("performer_id",))
+            if "performer_id" in fields
+            else ("performer_reference", ("performer_reference",))
+        ),
+    }
+    target, given = candidates[nik_field]
+    if target not in fields or any(getattr(payload, name, None) is not None for name in given):
+        return None
+    return target
