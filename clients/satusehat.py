@@ -58,6 +58,7 @@ from clients.errors import (
     UpstreamUnavailable,
 )
 from clients.ratelimit import RateLimiter, RequestWindow
+from models.revisions import changed_elements, identity_conflicts, revised
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -119,12 +120,24 @@ def default_user_agent() -> str:
 
 @dataclass(frozen=True)
 class CreateResult:
-    """What `create_or_adopt` did: `adopted` is True when the resource already existed and was reused."""
+    """What `create_or_adopt` did: `adopted` is True when the resource already existed and was reused.
+
+    `changed` names the elements a correction replaced (`create_or_revise`), `previous_version` the
+    `meta.versionId` the platform held before; both empty when nothing was revised."""
 
     resource_type: str
     id: str
     adopted: bool
     resource: JsonObject
+    changed: tuple[str, ...] = ()
+    previous_version: str | None = None
+
+    @property
+    def action(self) -> str:
+        """created, adopted (the same content was already there) or revised (a correction was PUT)."""
+        if self.changed:
+            return "revised"
+        return "adopted" if self.adopted else "created"
 
 
 @dataclass(frozen=True)
@@ -417,9 +430,10 @@ class SatusehatClient:
 
         Which match is adopted (`_adopt`): resources marked `entered-in-error` never are (that is how a hospital
         voids a duplicate); of the others, the one updated last (`meta.lastUpdated`, the server's order when
-        dates are missing), with a WARNING naming every id when there are several. A match whose subject is
-        another patient is never adopted and nothing is posted: FhirRejected (HTTP 409), since the identifier is
-        taken and the router would file images under the patient of whatever ServiceRequest carries the ACSN.
+        dates are missing), with a WARNING naming every id when there are several. A match of another order
+        (models/revisions.py `IDENTITY_REFERENCES`: another patient, another visit's Encounter, another
+        ServiceRequest) is never adopted and nothing is posted: FhirRejected (HTTP 409), since the identifier
+        is taken and the router would file images under the patient of whatever ServiceRequest carries the ACSN.
         """
         resource_type = _resource_type_of(resource)
         system, value = _pick_identifier(resource, identifier_system)
@@ -436,6 +450,35 @@ class SatusehatClient:
             return adopted
         return CreateResult(resource_type=resource_type, id=str(created["id"]), adopted=False, resource=created)
 
+    def create_or_revise(self, resource: JsonObject, identifier_system: str | None = None) -> CreateResult:
+        """`create_or_adopt`, then a correction when the adopted resource's content differs from `resource`.
+
+        A re-send with the same content changes nothing. One with another reading, conclusion, exam code or visit
+        detail is a clinical correction: the resource is PUT under the existing id, Observation and
+        DiagnosticReport with status `amended` (models/revisions.py), and the result names the elements replaced
+        and the version the platform held before, so the history stays in the flow's result and artifact.
+        """
+        result = self.create_or_adopt(resource, identifier_system)
+        if not result.adopted:
+            return result
+        changed = changed_elements(resource, result.resource)
+        if not changed:
+            return result
+        meta = result.resource.get("meta")
+        previous = meta.get("versionId") if isinstance(meta, dict) else None
+        stored = self.update(revised(resource, result.resource))
+        logger.info(
+            "revised %s/%s (%s), previous version %s", result.resource_type, result.id, ", ".join(changed), previous
+        )
+        return CreateResult(
+            resource_type=result.resource_type,
+            id=result.id,
+            adopted=True,
+            resource=stored,
+            changed=tuple(changed),
+            previous_version=str(previous) if previous is not None else None,
+        )
+
     def _adopt(self, resource: JsonObject, resource_type: str, system: str, value: str) -> CreateResult | None:
         """The match to adopt by the rule in `create_or_adopt`'s docstring; None when there is none."""
         found = [item for item in self.find_by_identifier(resource_type, system, value) if _has_id(item)]
@@ -443,21 +486,27 @@ class SatusehatClient:
         if len(found) > len(matches):
             voided = ", ".join(str(item["id"]) for item in found if item not in matches)
             logger.info("not adopting %s %s: entered-in-error (%s|%s)", resource_type, voided, system, value)
-        subject = _subject_reference(resource)
-        others = [item for item in matches if _subject_reference(item) not in (None, subject)] if subject else []
+        conflicts = {str(item["id"]): identity_conflicts(resource, item) for item in matches}
+        others = [item for item in matches if conflicts[str(item["id"])]]
         if others:
+            elements = sorted({element for item in others for element in conflicts[str(item["id"])]})
+            owner = next((whose for element, whose in _OWNER.items() if element in elements), "another order")
             ids = ", ".join(f"{resource_type}/{item['id']}" for item in others)
             raise FhirRejected(
-                f"SATUSEHAT already holds {ids} with identifier {system}|{value} for another patient: the "
-                "identifier is taken, so nothing was created or adopted; correct the identifier in the HIS, or mark "
-                "the other resource entered-in-error",
+                f"SATUSEHAT already holds {ids} with identifier {system}|{value} for {owner} "
+                f"(its {', '.join(elements)} differ from this order's): the identifier is taken, so nothing was "
+                "created or adopted; correct the identifier in the HIS, or mark the other resource "
+                "entered-in-error",
                 status_code=409,
                 issues=(
                     OutcomeIssue(
                         severity="error",
                         code="duplicate",
-                        text=f"identifier {value} belongs to another patient's {resource_type}",
-                        expression=(f"{resource_type}.identifier", f"{resource_type}.subject"),
+                        text=f"identifier {value} belongs to {owner}'s {resource_type}",
+                        expression=(
+                            f"{resource_type}.identifier",
+                            *(f"{resource_type}.{element}" for element in elements),
+                        ),
                     ),
                 ),
             )
@@ -844,13 +893,9 @@ def _has_id(resource: Mapping[str, Any]) -> bool:
     return isinstance(resource.get("id"), str) and bool(resource["id"])
 
 
-def _subject_reference(resource: Mapping[str, Any]) -> str | None:
-    """`subject.reference` as `Type/id` (an absolute URL cut to its last two segments); None when absent."""
-    subject = resource.get("subject")
-    reference = subject.get("reference") if isinstance(subject, dict) else None
-    if not isinstance(reference, str) or not reference.strip():
-        return None
-    return "/".join(reference.strip().rstrip("/").split("/")[-2:])
+_OWNER = {"subject": "another patient", "encounter": "another visit", "basedOn": "another order"}
+"""Whose resource an identity conflict shows (models/revisions.py), for the 409's sentence: the first element in
+this order that differs (another patient's order is that, whatever else differs too)."""
 
 
 def _escape_search(value: str) -> str:

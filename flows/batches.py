@@ -40,10 +40,10 @@ from tasks.fhir import (
 class Steps:
     """The calls a batch body makes, and whether it publishes its summary artifact."""
 
-    post_encounter: Callable[..., Awaitable[str]]
-    post_service_request: Callable[..., Awaitable[str]]
-    post_observation: Callable[..., Awaitable[str]]
-    post_diagnostic_report: Callable[..., Awaitable[str]]
+    post_encounter: Callable[..., Awaitable[dict[str, Any]]]
+    post_service_request: Callable[..., Awaitable[dict[str, Any]]]
+    post_observation: Callable[..., Awaitable[dict[str, Any]]]
+    post_diagnostic_report: Callable[..., Awaitable[dict[str, Any]]]
     wait_for_imaging_study: Callable[..., Awaitable[dict[str, Any]]]
     locate_study: Callable[..., Awaitable[dict[str, Any]]]
     route_study: Callable[..., Awaitable[dict[str, Any]]]
@@ -178,18 +178,18 @@ async def run_batch4(payload: Batch4Input, steps: Steps | None = None) -> dict[s
 
 
 async def _order(run: StepRecorder, payload: Batch1Input, steps: Steps) -> dict[str, str]:
-    encounter_id = await run.step("encounter", steps.post_encounter(payload), result_key="encounter_id")
-    service_request_id = await run.step(
+    encounter_id = await run.post("encounter", steps.post_encounter(payload), result_key="encounter_id")
+    service_request_id = await run.post(
         "service_request", steps.post_service_request(payload, encounter_id), result_key="service_request_id"
     )
     return {"encounter_id": encounter_id, "service_request_id": service_request_id}
 
 
 async def _report(run: StepRecorder, payload: Batch2Input | Batch3Input, links: dict[str, str], steps: Steps) -> None:
-    observation_id = await run.step(
+    observation_id = await run.post(
         "observation", steps.post_observation(payload, **links), result_key="observation_id"
     )
-    await run.step(
+    await run.post(
         "diagnostic_report",
         steps.post_diagnostic_report(payload, **links, observation_id=observation_id),
         result_key="diagnostic_report_id",

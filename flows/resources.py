@@ -24,7 +24,7 @@ from tasks.fhir import (
 async def encounter(payload: EncounterInput) -> dict[str, Any]:
     """Create (or adopt) one Encounter; returns the resource as the platform holds it."""
     run = StepRecorder("encounter")
-    resource_id = await run.step("encounter", post_encounter(payload), result_key="encounter_id")
+    resource_id = await run.post("encounter", post_encounter(payload), result_key="encounter_id")
     return await _finish(run, "Encounter", resource_id, None)
 
 
@@ -32,7 +32,7 @@ async def encounter(payload: EncounterInput) -> dict[str, Any]:
 async def service_request(payload: ServiceRequestInput) -> dict[str, Any]:
     """Create (or adopt) one ServiceRequest (the order with its ACSN) for an existing Encounter."""
     run = StepRecorder("service-request")
-    resource_id = await run.step("service_request", post_service_request(payload), result_key="service_request_id")
+    resource_id = await run.post("service_request", post_service_request(payload), result_key="service_request_id")
     return await _finish(run, "ServiceRequest", resource_id, payload.noacsn)
 
 
@@ -40,7 +40,7 @@ async def service_request(payload: ServiceRequestInput) -> dict[str, Any]:
 async def observation(payload: ObservationInput) -> dict[str, Any]:
     """Create (or adopt) one Observation (the reading) for an existing order and ImagingStudy."""
     run = StepRecorder("observation")
-    resource_id = await run.step("observation", post_observation(payload), result_key="observation_id")
+    resource_id = await run.post("observation", post_observation(payload), result_key="observation_id")
     return await _finish(run, "Observation", resource_id, payload.noacsn)
 
 
@@ -48,7 +48,7 @@ async def observation(payload: ObservationInput) -> dict[str, Any]:
 async def conclusion(payload: DiagnosticReportInput) -> dict[str, Any]:
     """Create (or adopt) one DiagnosticReport (the conclusion) for an existing order, study and reading."""
     run = StepRecorder("conclusion")
-    resource_id = await run.step(
+    resource_id = await run.post(
         "diagnostic_report", post_diagnostic_report(payload), result_key="diagnostic_report_id"
     )
     return await _finish(run, "DiagnosticReport", resource_id, payload.noacsn)

@@ -78,6 +78,24 @@ class StepRecorder:
             self.created[result_key] = result
         return result
 
+    async def post(self, name: str, work: Awaitable[dict[str, Any]], *, result_key: str) -> str:
+        """A FHIR post step (tasks/fhir.py `Posted`): its id under `result_key`; a correction it made is added to
+        `created["revised"]` (the resource, the elements replaced, the version before), so the answer and the
+        run's artifact say what changed."""
+        posted = await self.step(name, work)
+        self.created[result_key] = posted["id"]
+        if posted.get("changed"):
+            resource = result_key.removesuffix("_id")
+            self.created.setdefault("revised", []).append(
+                {
+                    "resource": resource,
+                    "id": posted["id"],
+                    "changed": posted["changed"],
+                    "previous_version": posted.get("previous_version"),
+                }
+            )
+        return str(posted["id"])
+
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, GatewayError | BatchFailed):

@@ -27,7 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from models.inputs import (
     DEFAULT_REASON_TEXT,
@@ -206,9 +206,11 @@ NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "REG", "SEG", "RWV", 
 """ModalitiesInStudy values that describe objects stored beside the images, not how the study was acquired."""
 
 
-@dataclass(frozen=True)
-class StudyFacts:
-    """What the PACS says about the order's study, for the resources built around it (batch4, dicom-process)."""
+class StudyFacts(BaseModel):
+    """What the PACS says about the order's study, for the resources built around it (batch4, dicom-process).
+    A frozen pydantic model, so a task's cache key can include it (`tasks.fhir._order_key`)."""
+
+    model_config = ConfigDict(frozen=True)
 
     study_instance_uid: str | None = None
     """Sent as the ServiceRequest's `urn:dicom:uid` identifier (`urn:oid:<UID>`), as the router writes it."""

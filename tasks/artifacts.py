@@ -43,6 +43,9 @@ def _flatten(outcome: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     for key, value in outcome.items():
         if isinstance(value, dict):
             rows.extend(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and all(isinstance(item, dict) for item in value):
+            for index, item in enumerate(value):  # e.g. the corrections a re-send made: revised.0.resource ...
+                rows.extend(_flatten(item, f"{prefix}{key}.{index}."))
         else:
             rows.append((f"{prefix}{key}", value))
     return rows

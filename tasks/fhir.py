@@ -5,8 +5,12 @@ Each task is a thin wrapper: a pure builder (models/fhir.py) makes the resource,
 
 - Every create is create-or-adopt: search by the resource's own identifier first, post only if nothing is there,
   and adopt on a duplicate. A POST whose answer was lost (timeout, 504 after commit) is found on the next attempt.
-- Results are cached on stable identifiers (platform, org, identifier), persisted as JSON, and hold only ids.
-  A flow re-run after a failure at any step skips what already succeeded without asking the platform again.
+  A match is adopted only when it is this order's (same patient, visit and ServiceRequest: models/revisions.py);
+  another order's is a 409 naming the identifier. A match whose content differs is a correction and is revised
+  (PUT, `amended`).
+- Results are cached on the whole order (platform, org, every input and linked id), persisted as JSON, and hold
+  only ids and element names. A flow re-run after a failure at any step skips what already succeeded without
+  asking the platform again; a changed order never reuses another's cached id.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import contextvars
 import functools
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -22,6 +27,9 @@ from typing import Any, TypeVar
 
 from prefect import task
 from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger, get_run_logger
+from pydantic import BaseModel
 
 from clients.errors import FhirRejected, ImagingStudyNotReady, Rejected, Retryable
 from models import fhir
@@ -41,6 +49,10 @@ from tasks import runtime
 from tasks.retry import FHIR_RETRIES, FHIR_RETRY_DELAYS_S, JITTER, honour_retry_after, retry_when_retryable
 
 T = TypeVar("T")
+
+Posted = dict[str, Any]
+"""What a post task returns: {"id", "action": created | adopted | revised} and, for a revision, "changed" (the
+elements replaced) and "previous_version". JSON, so Prefect persists it; ids and element names only."""
 
 CACHE_FOR = timedelta(days=30)
 """How long a created resource's id is remembered locally; after that a re-run asks the platform again."""
@@ -65,22 +77,37 @@ async def call(operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise
 
 
-def _identity_key(kind: str, value_of: Callable[[dict[str, Any]], str]) -> Callable[..., str]:
-    """Cache key: the platform, the org and the identifier the resource is found by (never the patient).
+def _order_key(kind: str) -> Callable[..., str]:
+    """Cache key: the platform, the org and the whole order as the task receives it (the patient, the visit, the
+    linked Encounter, ServiceRequest and ImagingStudy ids, the codes and texts).
 
-    Hashed, because Prefect stores the result under the key as a file name.
+    A cached id is therefore only ever reused for the very same order: another patient's order with a reused
+    visit number or ACSN misses the cache and meets create-or-adopt's identity check (a 409 naming the
+    identifier), and a corrected reading misses it and is revised. Hashed, because Prefect stores the result
+    under the key as a file name; no clinical value appears in it.
     """
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         settings = runtime.settings()
-        identity = f"{kind}|{settings.fhir_base}|{settings.ss_org_id}|{value_of(parameters)}"
-        return f"{kind.lower()}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+        order = json.dumps(
+            {name: _jsonable(value) for name, value in parameters.items()}, sort_keys=True, ensure_ascii=False
+        )
+        identity = f"{kind}|{settings.fhir_base}|{settings.ss_org_id}|{order}"
+        return f"{kind.lower()}-{hashlib.sha256(identity.encode()).hexdigest()[:40]}"
 
     return key
 
 
-def _order_value(name: str) -> Callable[[dict[str, Any]], str]:
-    return lambda parameters: fhir.resource_identifier_value(parameters[name])
+def _logger() -> Any:
+    """The run's logger (its lines show in the Prefect UI), or the module's outside a run (a notebook, a test)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger(__name__)
+
+
+def _jsonable(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
 FHIR_TASK: dict[str, Any] = {
@@ -107,28 +134,40 @@ def _build(builder: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) ->
         raise Rejected(str(error)) from None
 
 
-async def _create_or_adopt(resource: dict[str, Any]) -> str:
+async def _create_or_revise(resource: dict[str, Any]) -> dict[str, Any]:
+    """Create, adopt (same order, same content) or revise (same order, corrected content) the resource;
+    returns `Posted`: its id, what was done, and for a revision the elements replaced and the previous version."""
     settings = runtime.settings()
     system, _ = fhir.lookup_identifier(resource, settings.ss_org_id)
-    created = await call(runtime.satusehat().create_or_adopt, resource, system)
-    return created.id
+    outcome = await call(runtime.satusehat().create_or_revise, resource, system)
+    posted: dict[str, Any] = {"id": outcome.id, "action": outcome.action}
+    if outcome.changed:
+        posted.update(changed=list(outcome.changed), previous_version=outcome.previous_version)
+        _logger().info(
+            "%s/%s revised: %s replaced (previous version %s)",
+            outcome.resource_type,
+            outcome.id,
+            ", ".join(outcome.changed),
+            outcome.previous_version,
+        )
+    return posted
 
 
 @task(
     name="post-encounter",
-    cache_key_fn=_identity_key("Encounter", lambda p: p["visit"].identifier_value),
+    cache_key_fn=_order_key("Encounter"),
     **FHIR_TASK,
 )
-async def post_encounter(visit: EncounterInput) -> str:
-    """Create (or adopt) the Encounter; returns its id."""
-    return await _create_or_adopt(_build(fhir.build_encounter, visit, runtime.settings().ss_org_id, site=_site()))
+async def post_encounter(visit: EncounterInput) -> Posted:
+    """Create, adopt or revise the Encounter; returns `Posted` (its id and what was done)."""
+    return await _create_or_revise(_build(fhir.build_encounter, visit, runtime.settings().ss_org_id, site=_site()))
 
 
-@task(name="post-service-request", cache_key_fn=_identity_key("ServiceRequest", _order_value("order")), **FHIR_TASK)
+@task(name="post-service-request", cache_key_fn=_order_key("ServiceRequest"), **FHIR_TASK)
 async def post_service_request(
     order: ServiceRequestInput, encounter_id: str | None = None, study: StudyFacts | None = None
-) -> str:
-    """Create (or adopt) the ServiceRequest carrying the ACSN; returns its id. It must exist before DICOM is sent.
+) -> Posted:
+    """Create, adopt or revise the ServiceRequest carrying the ACSN; it must exist before DICOM is sent.
     `study` (batch4: the PACS study) gives the modality, the exam through EXAM_CODE_BY_MODALITY, and the UID."""
     resource = _build(
         fhir.build_service_request,
@@ -138,19 +177,19 @@ async def post_service_request(
         site=_site(),
         study=study,
     )
-    return await _create_or_adopt(resource)
+    return await _create_or_revise(resource)
 
 
-@task(name="post-observation", cache_key_fn=_identity_key("Observation", _order_value("reading")), **FHIR_TASK)
+@task(name="post-observation", cache_key_fn=_order_key("Observation"), **FHIR_TASK)
 async def post_observation(
     reading: ObservationInput,
     encounter_id: str | None = None,
     service_request_id: str | None = None,
     imaging_study_id: str | None = None,
     study: StudyFacts | None = None,
-) -> str:
-    """Create (or adopt) the Observation holding the radiologist's reading; returns its id. `issued` is the HIS's
-    `reading_time`, else now; `effectiveDateTime` the study's time when `study` knows it."""
+) -> Posted:
+    """Create, adopt or revise (a corrected reading: `amended`) the Observation holding the radiologist's reading.
+    `issued` is the HIS's `reading_time`, else now; `effectiveDateTime` the study's time when `study` knows it."""
     resource = _build(
         fhir.build_observation,
         reading,
@@ -162,12 +201,10 @@ async def post_observation(
         site=_site(),
         study=study,
     )
-    return await _create_or_adopt(resource)
+    return await _create_or_revise(resource)
 
 
-@task(
-    name="post-diagnostic-report", cache_key_fn=_identity_key("DiagnosticReport", _order_value("report")), **FHIR_TASK
-)
+@task(name="post-diagnostic-report", cache_key_fn=_order_key("DiagnosticReport"), **FHIR_TASK)
 async def post_diagnostic_report(
     report: DiagnosticReportInput,
     encounter_id: str | None = None,
@@ -175,8 +212,8 @@ async def post_diagnostic_report(
     imaging_study_id: str | None = None,
     observation_id: str | None = None,
     study: StudyFacts | None = None,
-) -> str:
-    """Create (or adopt) the DiagnosticReport (the conclusion); returns its id. `issued` is the HIS's
+) -> Posted:
+    """Create, adopt or revise (a corrected conclusion: `amended`) the DiagnosticReport. `issued` is the HIS's
     `report_time`, else now; `effectiveDateTime` the study's time when `study` knows it."""
     resource = _build(
         fhir.build_diagnostic_report,
@@ -190,7 +227,7 @@ async def post_diagnostic_report(
         site=_site(),
         study=study,
     )
-    return await _create_or_adopt(resource)
+    return await _create_or_revise(resource)
 
 
 def _acsn_system() -> str:

@@ -23,7 +23,7 @@ from clients.errors import FhirRejected, ImagingStudyNotReady, Rejected, Retryab
 from clients.satusehat import CreateResult, SatusehatClient
 from flows.batches import batch4
 from flows.steps import BatchFailed
-from models.fhir import DICOM_UID_SYSTEM, IdentifierKind, identifier_system
+from models.fhir import DICOM_UID_SYSTEM, IdentifierKind, build_encounter, identifier_system
 from models.inputs import Batch4Input
 from tasks import runtime
 from tasks.fhir import wait_for_imaging_study
@@ -374,18 +374,10 @@ async def test_batch4_adopts_one_of_two_encounters_for_the_visit_by_the_rule(
         "system": identifier_system(IdentifierKind.ENCOUNTER, gateway.env["SS_ORG_ID"]),
         "value": body["identifier_value"],
     }
-    twins = [
-        _seed(
-            gateway,
-            {
-                "resourceType": "Encounter",
-                "identifier": [visit],
-                "status": "arrived",
-                "subject": {"reference": f"Patient/{body['subject_id']}"},
-            },
-        )
-        for _ in range(2)
-    ]
+    # Two copies of the very Encounter this order makes (so adopting one needs no correction), as a race left them.
+    built = build_encounter(Batch4Input.model_validate(body), gateway.env["SS_ORG_ID"])
+    assert built["identifier"][0] == visit
+    twins = [_seed(gateway, dict(built)) for _ in range(2)]
 
     result = await batch4(Batch4Input.model_validate(body))
 

@@ -53,7 +53,12 @@ CONTEXT = validation_context(now=NOW)
 POSTED = datetime(2026, 11, 28, 11, 59, 0, tzinfo=UTC)
 """The flow's clock when it posts a resource (passed in: the builders read no clock)."""
 STUDY_STARTED = datetime(2025, 8, 1, 6, 30, 0, tzinfo=UTC)
-STUDY = StudyFacts("1.2.840.113619.2.55.3.604688433.783.159975", ("SR", "CT"), "CT Kepala", STUDY_STARTED)
+STUDY = StudyFacts(
+    study_instance_uid="1.2.840.113619.2.55.3.604688433.783.159975",
+    modalities=("SR", "CT"),
+    description="CT Kepala",
+    started=STUDY_STARTED,
+)
 CT_HEAD = "24725-4"
 CHEST_XRAY = "24648-8"
 SITE = SiteDefaults(exam_code_by_modality={"CT": CT_HEAD}, default_exam_code="36643-5")
@@ -222,7 +227,7 @@ def test_the_exam_comes_from_the_pacs_modality_through_the_hospital_table() -> N
 
 def test_a_modality_missing_from_the_table_takes_the_default_exam_code() -> None:
     order = model(Batch4Input, BATCH4)
-    mr_study = StudyFacts(STUDY.study_instance_uid, ("MR",))
+    mr_study = StudyFacts(study_instance_uid=STUDY.study_instance_uid, modalities=("MR",))
     built = build_service_request(order, ORG, encounter_id="e", site=SITE, study=mr_study)
     assert built["code"]["coding"][0]["code"] == "36643-5"
     assert built["orderDetail"][0]["coding"][0]["code"] == "MR"
@@ -548,7 +553,11 @@ def test_any_valid_input_builds_resources_the_platform_takes(
     }
     body |= {key: value for key, value in optional.items() if value is not None}
     study = (
-        StudyFacts(BATCH4["study"], tuple(study_modalities), None, start + timedelta(minutes=5)) if with_study else None
+        StudyFacts(
+            study_instance_uid=BATCH4["study"], modalities=tuple(study_modalities), started=start + timedelta(minutes=5)
+        )
+        if with_study
+        else None
     )
     batch = model(Batch4Input, body)
     built = build_all(batch, site, study)
