@@ -571,3 +571,23 @@ def test_any_valid_input_builds_resources_the_platform_takes(
     assert {order["code"]["coding"][0]["code"], reading["code"]["coding"][0]["code"]} == {expected_code}
     assert ("effectiveDateTime" in reading) == (study is not None)
     assert report["issued"] == "2026-11-28T11:59:00+00:00"
+
+
+def test_study_facts_from_the_pacs_lookup() -> None:
+    located = {
+        "study_instance_uid": "1.2.3",
+        "accession_number": "A1",
+        "number_of_instances": 4,
+        "modalities": ["KO", "mr"],
+    }
+    facts = StudyFacts.from_located({**located, "study_description": "MRI Kepala"}, started=STUDY_STARTED)
+    assert (facts.study_instance_uid, facts.modality, facts.description, facts.started) == (
+        "1.2.3",
+        "MR",  # a key object (KO) describes the images, it is not how they were acquired
+        "MRI Kepala",
+        STUDY_STARTED,
+    )
+    assert StudyFacts.from_located(located).description is None
+    assert StudyFacts(modalities=("SR", "PR")).modality is None
+    # JSON-able, so the order's cache key (tasks.fhir._order_key) can include it
+    assert StudyFacts.model_validate(facts.model_dump(mode="json")) == facts
