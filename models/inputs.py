@@ -348,7 +348,26 @@ def check_encounter_class(value: str) -> str:
     return code
 
 
-EncounterClass = Annotated[str, StringConstraints(min_length=1), AfterValidator(check_encounter_class)]
+@dataclass(frozen=True)
+class DocumentedValues:
+    """The accepted values as the schema's `enum` (documentation; the validator enforces them, case-insensitively)."""
+
+    values: tuple[str, ...]
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        value = handler(schema)
+        value["enum"] = list(self.values)
+        return value
+
+
+EncounterClass = Annotated[
+    str,
+    StringConstraints(min_length=1),
+    AfterValidator(check_encounter_class),
+    DocumentedValues(tuple(ENCOUNTER_CLASSES)),
+]
 
 PatientReference = reference_to("Patient")
 PractitionerReference = reference_to("Practitioner")
