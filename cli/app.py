@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import api_cmd, demo_cmd, orders_cmd, run_cmd, serve_cmd, simulator_cmd
+from cli import alerts_cmd, api_cmd, check_cmd, demo_cmd, orders_cmd, run_cmd, serve_cmd, simulator_cmd
 from clients.log_file import attach_log_file
 from models.settings import LogSettings, SettingsError, load_settings
 
@@ -31,7 +31,9 @@ app.command("demo")(demo_cmd.demo)
 app.command("run")(run_cmd.run)
 app.command("api")(api_cmd.api)
 app.command("serve")(serve_cmd.serve)
+app.command("check")(check_cmd.check)
 app.add_typer(orders_cmd.app, name="orders")
+app.add_typer(alerts_cmd.app, name="alerts")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import typer
 
 from simulator.config import SimulatorConfig
 from simulator.faults import HttpFault, HttpFaultKind, RouterFault
+from simulator.registry import RegistryError
 from simulator.server import start_simulator
 
 _ROUTER_FAULT_HELP = (
@@ -42,6 +43,13 @@ def simulator(
     latency: Annotated[float, typer.Option(help="Seconds added to every request.")] = 0.0,
     fault: Annotated[list[str] | None, typer.Option(help=_FAULT_HELP)] = None,
     router_fault: Annotated[list[str] | None, typer.Option(help=_ROUTER_FAULT_HELP)] = None,
+    registry: Annotated[
+        list[Path] | None,
+        typer.Option(help="JSON file of Patients/Practitioners/Locations/Organizations to register. Repeatable."),
+    ] = None,
+    strict_undocumented: Annotated[
+        bool, typer.Option(help="Also enforce the rules no public source documents (docs/simulator-rules.md).")
+    ] = False,
 ) -> None:
     """Run the SATUSEHAT simulator until Ctrl-C, printing its URLs when ready."""
     config = SimulatorConfig(
@@ -57,10 +65,15 @@ def simulator(
         router_enabled=not no_router,
         db_path=db,
         admin_enabled=admin,
+        registry_files=tuple(registry or ()),
+        strict_undocumented=strict_undocumented,
     )
     faults = [_parse_fault(spec) for spec in fault or []]
     router_faults = [_parse_router_fault(spec) for spec in router_fault or []]
-    running = start_simulator(config)
+    try:
+        running = start_simulator(config)
+    except RegistryError as error:
+        raise typer.BadParameter(str(error), param_hint="--registry") from None
     running.platform.faults.latency_s = latency
     for armed in faults:
         running.platform.faults.arm_http(armed)

@@ -44,6 +44,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from urllib3.exceptions import ReadTimeoutError
@@ -59,6 +60,7 @@ from clients.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from models.dicom import STUDY_METADATA_KEYWORDS
 
 if TYPE_CHECKING:
     from models.settings import Settings
@@ -230,6 +232,14 @@ class PacsClient:
             )
         return next(iter(unique.values()))
 
+    def ping(self) -> int:
+        """One QIDO-RS search for any study (limit 1): proves the URL, the login and DICOMweb in one round trip;
+        returns how many studies the answer held (0 or 1). For `satset check`."""
+        answers = self._call(
+            "a search for any study", lambda: self._dicomweb.search_for_studies(limit=1), not_found=None
+        )
+        return len(answers)
+
     def list_instances(self, study_instance_uid: str) -> list[InstanceRef]:
         """Every instance of the study, from QIDO-RS (no pixel data). Raises StudyNotFound if there is none.
 
@@ -289,6 +299,23 @@ class PacsClient:
         if not series:
             raise StudyNotFound(f"the PACS has no study {study_instance_uid}", service="pacs")
         return list(series.values())
+
+    def study_metadata(self, study_instance_uid: str) -> list[dict[str, str]]:
+        """Every instance's pre-flight elements (models.dicom.STUDY_METADATA_KEYWORDS) from WADO-RS metadata.
+
+        One request, no pixel data. Per instance a mapping keyword -> text: an element the instance lacks is not in
+        it, one present without a value is "". Raises StudyNotFound when the PACS has no such study.
+        """
+        study_instance_uid = _checked_uid(study_instance_uid)
+        answers = self._call(
+            f"read the metadata of study {study_instance_uid}",
+            lambda: self._dicomweb.retrieve_study_metadata(study_instance_uid),
+            not_found=study_instance_uid,
+        )
+        instances = [_metadata_values(answer) for answer in answers if isinstance(answer, dict)]
+        if not instances:
+            raise StudyNotFound(f"the PACS has no instance metadata for study {study_instance_uid}", service="pacs")
+        return instances
 
     # -- WADO-RS -----------------------------------------------------------------------------------------------
 
@@ -496,6 +523,21 @@ def _study_ref(answer: dict[str, Any]) -> StudyRef | None:
         number_of_instances=int(count) if count is not None and count.strip().isdigit() else None,
         modalities=tuple(str(value) for value in _values(answer, _MODALITIES) if value),
     )
+
+
+_METADATA_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in STUDY_METADATA_KEYWORDS}
+
+
+def _metadata_values(answer: dict[str, Any]) -> dict[str, str]:
+    """The pre-flight's elements of one DICOM JSON instance, as text ("" when present without a value)."""
+    values: dict[str, str] = {}
+    for keyword, tag in _METADATA_TAGS.items():
+        element = answer.get(tag)
+        if not isinstance(element, dict):
+            continue
+        first = _values(answer, tag)[:1]
+        values[keyword] = "" if not first or first[0] is None else str(first[0])
+    return values
 
 
 def _instance_ref(study_uid: str, answer: dict[str, Any]) -> InstanceRef | None:

@@ -15,14 +15,25 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from itertools import chain
 from typing import Any, TypeVar
 
 from pydicom.uid import UID
 
-from clients.errors import GatewayError, StoreIncomplete, StudyNotFound, UpstreamUnavailable
+from clients.errors import (
+    AssociationRejected,
+    ConnectionFailed,
+    GatewayError,
+    Rejected,
+    Service,
+    StoreIncomplete,
+    StudyNotFound,
+    UpstreamUnavailable,
+)
 from clients.pacs import InstanceRef, PacsClient
 from clients.router import (
+    EchoOutcome,
     Instance,
     RouterClient,
     SopClassAndSyntax,
@@ -30,7 +41,15 @@ from clients.router import (
     presentation_contexts,
     raise_for_outcome,
 )
-from models.dicom import EncodedInstance, NotDicom, edit_encoded_for_satusehat, edit_for_satusehat
+from models.dicom import (
+    EncodedInstance,
+    NotDicom,
+    StudyCheck,
+    TimeEdits,
+    check_study,
+    edit_encoded_for_satusehat,
+    edit_for_satusehat,
+)
 
 T = TypeVar("T")
 
@@ -62,6 +81,44 @@ class RoutingReport:
         }
 
 
+class StudyNotRoutable(Rejected):
+    """The PACS study has instances the official router would mangle (no InstanceNumber, a negative one, a time
+    it cannot read, ...): refused before anything is created, naming each instance, element and rule."""
+
+    service: Service | None = "pacs"
+
+
+def preflight_study(pacs: PacsClient, study_instance_uid: str, *, zone: tzinfo, now: datetime) -> StudyCheck:
+    """Read the study's metadata from the PACS and check it (`models.dicom.check_study`); raise StudyNotRoutable
+    with every problem, StudyNotFound when the PACS has no such study."""
+    check = check_study(pacs.study_metadata(study_instance_uid), zone=zone, now=now)
+    if not check.ok:
+        raise StudyNotRoutable(
+            f"study {study_instance_uid} cannot be routed as it is in the PACS: {check.describe()}. The official "
+            "DICOM Router would build no ImagingStudy, or an incomplete one, from it; nothing was created. Correct "
+            "the study in the PACS (or at the modality) and send the order again",
+            service="pacs",
+        )
+    return check
+
+
+def verify_router(router: RouterClient) -> EchoOutcome:
+    """C-ECHO the router before anything is created: a wrong ROUTER_AET, ROUTER_IP or ROUTER_PORT is found here,
+    not after the Encounter and ServiceRequest exist. Raises AssociationRejected (the router refused the called
+    AE title: not retried) or ConnectionFailed (nobody answered: retried)."""
+    outcome = router.echo()
+    if outcome.ok:
+        return outcome
+    reason = outcome.problem.reason if outcome.problem is not None else f"C-ECHO status 0x{outcome.status or 0:04X}"
+    message = (
+        f"the DICOM Router did not answer a C-ECHO ({reason}): check ROUTER_AET ({router.called_aet!r}), "
+        f"ROUTER_IP ({router.host}) and ROUTER_PORT ({router.port}); nothing was created"
+    )
+    if outcome.problem is not None and not outcome.problem.retryable:
+        raise AssociationRejected(message, service="router")
+    raise ConnectionFailed(message, service="router")
+
+
 READ_AHEAD = 4
 """Instances retrieved and edited ahead of the one being sent (about 2 MB for CT): see `read_ahead`."""
 
@@ -75,6 +132,7 @@ def route_study(
     patient_id: str | None = None,
     encoded: bool = True,
     read_ahead: int = READ_AHEAD,
+    times: TimeEdits | None = None,
 ) -> RoutingReport:
     """Send every instance of the study to the router in one association, edited; raise unless all arrived.
 
@@ -87,6 +145,9 @@ def route_study(
     is asked for its series only (the count to check and the kinds of instances to propose); the instance
     listing, when needed, runs alongside: see `_route_encoded`.
 
+    `times` (the pre-flight's `StudyCheck.times`) has StudyTime and SeriesDate/SeriesTime written as HHMMSS too,
+    so the router's `started` is one the platform accepts.
+
     `encoded=False` is the former path, kept for comparison and for callers that want datasets: listing first,
     then pydicom decodes each instance and pynetdicom encodes and sends it.
 
@@ -96,14 +157,16 @@ def route_study(
     """
     started = time.monotonic()
     if encoded:
-        outcome, expected = _route_encoded(pacs, router, study_instance_uid, accession_number, patient_id, read_ahead)
+        outcome, expected = _route_encoded(
+            pacs, router, study_instance_uid, accession_number, patient_id, read_ahead, times
+        )
     else:
         refs = pacs.list_instances(study_instance_uid)
         if not refs:
             raise StudyNotFound(f"the PACS lists no instance for study {study_instance_uid}", service="pacs")
         datasets = _delivered_in_full(
             (
-                edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id)
+                edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id, times=times)
                 for ds in pacs.iter_instances(study_instance_uid)
             ),
             lambda: len(refs),
@@ -139,6 +202,7 @@ def _route_encoded(
     accession_number: str,
     patient_id: str | None,
     read_ahead: int,
+    times: TimeEdits | None = None,
 ) -> tuple[StudyOutcome, int]:
     """The encoded path; returns the outcome and the number of instances the PACS says the study has.
 
@@ -180,7 +244,7 @@ def _route_encoded(
             outcome = _send(
                 router,
                 _delivered_in_full(
-                    _edited(files, accession_number, patient_id, study_uid), counted_or_listed, pacs, study_uid
+                    _edited(files, accession_number, patient_id, study_uid, times), counted_or_listed, pacs, study_uid
                 ),
                 read_ahead,
                 study_uid,
@@ -194,7 +258,7 @@ def _route_encoded(
             outcome = _send(
                 router,
                 _delivered_in_full(
-                    _edited(files, accession_number, patient_id, study_uid), lambda: len(listed), pacs, study_uid
+                    _edited(files, accession_number, patient_id, study_uid, times), lambda: len(listed), pacs, study_uid
                 ),
                 read_ahead,
                 study_uid,
@@ -246,12 +310,18 @@ def _sop_instance_uid(item: Instance) -> str:
 
 
 def _edited(
-    files: Iterator[bytes], accession_number: str, patient_id: str | None, study_uid: str = "?"
+    files: Iterator[bytes],
+    accession_number: str,
+    patient_id: str | None,
+    study_uid: str = "?",
+    times: TimeEdits | None = None,
 ) -> Iterator[EncodedInstance]:
     """The files, edited; one that is not DICOM stops the study (the router client aborts) naming its position."""
     for number, part10 in enumerate(files, 1):
         try:
-            yield edit_encoded_for_satusehat(part10, accession_number=accession_number, patient_id=patient_id)
+            yield edit_encoded_for_satusehat(
+                part10, accession_number=accession_number, patient_id=patient_id, times=times
+            )
         except NotDicom as error:
             raise UpstreamUnavailable(
                 f"the PACS sent instance {number} of study {study_uid} as something that is not DICOM: {error}",

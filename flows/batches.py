@@ -26,14 +26,26 @@ from flows.steps import StepRecorder
 from models.inputs import Batch1Input, Batch2Input, Batch3Input, Batch4Input
 from tasks import runtime
 from tasks.artifacts import publish_summary
-from tasks.dicom import locate_study, route_study
+from tasks.dicom import check_router, locate_study, route_study
 from tasks.fhir import (
+    ImagingStudyAbsent,
     post_diagnostic_report,
     post_encounter,
     post_observation,
     post_service_request,
     wait_for_imaging_study,
 )
+
+DICOM_PROCESS_KEYS = (
+    "status",
+    "study_uid",
+    "total_instance",
+    "sent_instance",
+    "patient_modified",
+    "accession_modified",
+    "router",
+)
+"""batch4's `dicom_process`: the seven keys the existing gateway's routing answered with."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class Steps:
     post_diagnostic_report: Callable[..., Awaitable[dict[str, Any]]]
     wait_for_imaging_study: Callable[..., Awaitable[dict[str, Any]]]
     locate_study: Callable[..., Awaitable[dict[str, Any]]]
+    check_router: Callable[..., Awaitable[dict[str, Any]]]
     route_study: Callable[..., Awaitable[dict[str, Any]]]
     route_study_again: Callable[..., Awaitable[dict[str, Any]]]
     publish: bool = True
@@ -62,6 +75,7 @@ def task_steps() -> Steps:
         post_diagnostic_report=post_diagnostic_report,
         wait_for_imaging_study=wait_for_imaging_study,
         locate_study=locate_study,
+        check_router=check_router,
         route_study=route_study,
         route_study_again=route_study.with_options(refresh_cache=True),
     )
@@ -78,6 +92,7 @@ def light_steps() -> Steps:
         post_diagnostic_report=post_diagnostic_report.fn,
         wait_for_imaging_study=wait_for_imaging_study.fn,
         locate_study=locate_study.fn,
+        check_router=check_router.fn,
         route_study=route_study,
         route_study_again=route_study.with_options(refresh_cache=True),
         publish=False,
@@ -152,25 +167,25 @@ async def run_batch4(payload: Batch4Input, steps: Steps | None = None) -> dict[s
     run = StepRecorder("batch4")
     acsn = payload.dicom_accession
     patient_id = payload.patientid or payload.subject_id
-    # Before anything is created: a study missing from the PACS stops the run with nothing half-sent.
-    await run.step("dicom_process", steps.locate_study(study_instance_uid=payload.study))
+    # Before anything is created: a study missing from the PACS, one the router would mangle, or a router that
+    # does not answer to ROUTER_AET stops the run with nothing half-sent.
+    study = await run.step("dicom_process", steps.locate_study(study_instance_uid=payload.study))
+    await run.step("router_echo", steps.check_router())
     links = await _order(run, payload, steps)
-    routed = await run.step("dicom_process", steps.route_study(payload.study, acsn, patient_id))
-    run.created["dicom_process"] = {
-        "status": routed["status"],
-        "study_uid": routed["study_uid"],
-        "router": routed["router"],
-    }
-    study = await run.step(
+    routed = await run.step("dicom_process", steps.route_study(payload.study, acsn, patient_id, study["times"]))
+    run.created["dicom_process"] = {key: routed[key] for key in DICOM_PROCESS_KEYS}
+    imaging = await run.step(
         "imaging_study",
-        _imaging_study_with_one_resend(steps, payload.study, acsn, patient_id, routed["sent_instance"]),
+        _imaging_study(steps, payload.study, acsn, patient_id, routed["sent_instance"], study["times"]),
     )
-    links["imaging_study_id"] = run.created["imaging_study_id"] = study["id"]
+    links["imaging_study_id"] = run.created["imaging_study_id"] = imaging["id"]
+    if imaging.get("duplicates"):
+        run.created["imaging_study_duplicates"] = imaging["duplicates"]
     await _report(run, payload, links, steps)
     summary = {
         **run.created,
         "instances_sent": routed["sent_instance"],
-        "instances_in_imaging_study": study["instances"],
+        "instances_in_imaging_study": imaging["instances"],
     }
     if steps.publish:
         await publish_summary("batch4", acsn, summary, run.durations_s)
@@ -196,13 +211,45 @@ async def _report(run: StepRecorder, payload: Batch2Input | Batch3Input, links: 
     )
 
 
-async def _imaging_study_with_one_resend(
-    steps: Steps, study_uid: str, acsn: str, patient_id: str | None, expected: int
+async def _imaging_study(
+    steps: Steps,
+    study_uid: str,
+    acsn: str,
+    patient_id: str | None,
+    expected: int,
+    times: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Wait for the router's ImagingStudy; if it never comes (the router drops failed studies), send once more."""
-    deadline = runtime.settings().imaging_study_deadline_s
+    """Wait for the router's ImagingStudy; if none complete comes by IMAGING_STUDY_DEADLINE_S, send once more, but
+    never while the router may still be building the first (that would make a second ImagingStudy).
+
+    The router gives no signal but the ImagingStudy appearing. So: when one of the study exists but lists fewer
+    instances, the router has finished with that send, and a re-send replaces it (the router PUTs over what its
+    search finds). When none exists at all, the first may still be in flight: wait IMAGING_STUDY_RESEND_GRACE_S
+    longer, and re-send only if still none appeared. IMAGING_STUDY_RESEND=false fails instead of re-sending.
+    Whatever is chosen at the end is the most complete ImagingStudy of the study; any other is reported.
+    """
+    settings = runtime.settings()
+    deadline = settings.imaging_study_deadline_s
     try:
         return await steps.wait_for_imaging_study(acsn, expected, deadline, study_instance_uid=study_uid)
+    except ImagingStudyAbsent:
+        if not settings.imaging_study_resend:
+            raise
+        if settings.imaging_study_resend_grace_s > 0:
+            try:
+                late = await steps.wait_for_imaging_study(
+                    acsn,
+                    expected,
+                    settings.imaging_study_resend_grace_s,
+                    study_instance_uid=study_uid,
+                    accept_incomplete=True,
+                )
+                if late["instances"] >= expected:
+                    return late
+            except ImagingStudyAbsent:
+                pass
     except ImagingStudyNotReady:
-        await steps.route_study_again(study_uid, acsn, patient_id)
-        return await steps.wait_for_imaging_study(acsn, expected, deadline, study_instance_uid=study_uid)
+        if not settings.imaging_study_resend:
+            raise
+    await steps.route_study_again(study_uid, acsn, patient_id, times)
+    return await steps.wait_for_imaging_study(acsn, expected, deadline, study_instance_uid=study_uid)

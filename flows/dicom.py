@@ -8,7 +8,7 @@ from flows.batches import FLOW_OPTIONS
 from flows.steps import StepRecorder
 from models.inputs import DicomProcessInput
 from tasks.artifacts import publish_summary
-from tasks.dicom import locate_study, route_study
+from tasks.dicom import check_router, locate_study, route_study
 
 
 @flow(name="dicom-process", flow_run_name="dicom-process {payload.accesionnum}", **FLOW_OPTIONS)
@@ -20,9 +20,13 @@ async def dicom_process(payload: DicomProcessInput) -> dict[str, Any]:
     run = StepRecorder("dicom-process")
     # As the existing gateway did: a given study UID is used as is; the ACSN is then the new value to write.
     lookup = {"study_instance_uid": payload.study} if payload.study else {"accession_number": payload.accesionnum}
+    # Checked first: the study (StudyNotFound, AmbiguousStudy for an ACSN of several, StudyNotRoutable), the router.
     study = await run.step("locate_study", locate_study(**lookup))
+    await run.step("router_echo", check_router())
     accession = payload.accesionnum or study["accession_number"]
-    routed = await run.step("route_study", route_study(study["study_instance_uid"], accession, payload.patientid))
+    routed = await run.step(
+        "route_study", route_study(study["study_instance_uid"], accession, payload.patientid, study["times"])
+    )
     result = {**routed, "accession_modified": payload.accesionnum is not None}
     result.pop("elapsed_s", None)
     await publish_summary("dicom-process", accession, result, run.durations_s)

@@ -7,10 +7,12 @@ else may change: the ImagingStudy and the stored instances are keyed by the orig
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, tzinfo
 from io import BytesIO
 from typing import Any
 
@@ -22,6 +24,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 from models.inputs import check_acsn
+from models.timeutil import EARLIEST_DATETIME, MAX_CLOCK_SKEW
 
 ACCESSION_NUMBER_MAX = 16
 """AccessionNumber is SH: at most 16 characters (PS3.5 §6.2)."""
@@ -36,8 +39,13 @@ ROUTER_REQUIRED_KEYWORDS = ROUTER_UID_KEYWORDS + ROUTER_TEXT_KEYWORDS + ROUTER_N
 """Read without fallback by the router's ImagingStudy builder: missing or empty, the ImagingStudy is not made."""
 
 
-def edit_for_satusehat(ds: Dataset, *, accession_number: str, patient_id: str | None) -> Dataset:
+def edit_for_satusehat(
+    ds: Dataset, *, accession_number: str, patient_id: str | None, times: TimeEdits | None = None
+) -> Dataset:
     """Set AccessionNumber to the ACSN and, when given, PatientID to the IHS number; return `ds` itself.
+
+    With `times` (the pre-flight's `StudyCheck.times`), StudyTime and the series' SeriesDate/SeriesTime are also
+    written where they differ from it: as HHMMSS, so the router builds a `started` the platform accepts.
 
     The edit is in place: the send path streams ~300 instances/s of ~512 KB, and a deep copy per instance would
     copy every pixel buffer only to drop the original. Callers that need the PACS original keep their own copy.
@@ -50,6 +58,10 @@ def edit_for_satusehat(ds: Dataset, *, accession_number: str, patient_id: str | 
     ds.AccessionNumber = accession_number
     if patient_id is not None:
         ds.PatientID = patient_id
+    if times is not None:
+        for keyword, value in times.values_for(str(ds.get("SeriesInstanceUID", "") or "")).items():
+            if str(ds.get(keyword, "") or "").strip() != value:
+                setattr(ds, keyword, value)
     return ds
 
 
@@ -90,24 +102,18 @@ def check_routable(ds: Dataset | Mapping[str, Any]) -> list[str]:
 
     Checks that every element the router reads without fallback is present and non-empty, that the UIDs are
     valid UIDs (the router writes them into FHIR as urn:oid:...), and that SeriesNumber and InstanceNumber are
-    integers. Pure: `ds` is not changed.
+    non-negative integers. Pure: `ds` is not changed.
     """
     problems: list[str] = []
     for keyword in ROUTER_REQUIRED_KEYWORDS:
-        if keyword not in ds:
-            problems.append(f"{keyword} is missing")
-            continue
         try:
             value = ds.get(keyword)  # a malformed value read from a file fails here, on first access
         except (ValueError, TypeError, OverflowError) as error:
             problems.append(f"{keyword} cannot be read: {error}")
             continue
-        if _is_empty(value):
-            problems.append(f"{keyword} is empty")
-        elif keyword in ROUTER_UID_KEYWORDS and not UID(str(value)).is_valid:
-            problems.append(f"{keyword} {str(value)!r} is not a valid UID")
-        elif keyword in ROUTER_NUMBER_KEYWORDS and not _is_integer(value):
-            problems.append(f"{keyword} {str(value)!r} is not an integer")
+        rule = _element_rule(keyword, value, keyword in ds)
+        if rule is not None:
+            problems.append(f"{keyword} {rule}")
     return problems
 
 
@@ -125,6 +131,329 @@ def _is_integer(value: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The study pre-flight: the PACS metadata checked before anything is created on the platform
+
+STUDY_METADATA_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "SeriesDate",
+    "SeriesTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ContentDate",
+    "ContentTime",
+    "StudyDescription",
+)
+"""What the pre-flight reads of every instance (the PACS's WADO-RS metadata; no pixel data)."""
+
+_PREFLIGHT_KEYWORDS = tuple(keyword for keyword in ROUTER_REQUIRED_KEYWORDS if keyword != "AccessionNumber")
+"""The router's required elements, less AccessionNumber: the gateway writes that one itself."""
+
+_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?")
+_DA = re.compile(r"\d{8}")
+
+
+def normalise_time(value: str) -> str:
+    """A DICOM TM written as HHMMSS[.FFFFFF], the only form the official router reads as a time.
+
+    `1015` (HHMM) and `10` (HH) are valid DICOM times the router turns into a zone-less midnight the platform
+    refuses; they mean 10:15:00 and 10:00:00, so writing the seconds out adds nothing that was not recorded.
+    ACR-NEMA's `10:15:00` is read too. Raises ValueError naming the rule.
+    """
+    text = value.strip().replace(":", "")
+    match = _TM.fullmatch(text)
+    if match is None or (match.group(4) and match.group(3) is None):
+        raise ValueError(f"{value.strip()!r} is not a DICOM time (HHMMSS, HHMM or HH, optionally .FFFFFF)")
+    hours, minutes, seconds = match.group(1), match.group(2) or "00", match.group(3) or "00"
+    if int(hours) > 23 or int(minutes) > 59 or int(seconds) > 59:
+        raise ValueError(f"{value.strip()!r} is not a time of day (hours 00-23, minutes and seconds 00-59)")
+    return hours + minutes + seconds + (match.group(4) or "")
+
+
+def parse_date(value: str) -> date:
+    """A DICOM DA (YYYYMMDD) as a date; raises ValueError naming the rule."""
+    text = value.strip()
+    try:
+        if _DA.fullmatch(text) is None:
+            raise ValueError
+        return datetime.strptime(text, "%Y%m%d").date()
+    except ValueError:
+        raise ValueError(f"{text!r} is not a DICOM date (YYYYMMDD)") from None
+
+
+def _checked_date(value: str) -> str:
+    parse_date(value)
+    return value.strip()
+
+
+def _as_time(value: str) -> time:
+    """A normalised TM as a `time` (fraction to microseconds)."""
+    whole, _, fraction = value.partition(".")
+    return time(int(whole[:2]), int(whole[2:4]), int(whole[4:6]), int((fraction + "000000")[:6]))
+
+
+@dataclass(frozen=True)
+class TimeEdits:
+    """The StudyTime and each series' SeriesDate/SeriesTime the tag edit writes, where the stored value differs.
+
+    Plain strings, so the plan travels as a task parameter (JSON) from the pre-flight to the routing.
+    """
+
+    study_time: str
+    series: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """SeriesInstanceUID -> (SeriesDate, SeriesTime)."""
+
+    def values_for(self, series_instance_uid: str) -> dict[str, str]:
+        values = {"StudyTime": self.study_time}
+        if series_instance_uid in self.series:
+            values["SeriesDate"], values["SeriesTime"] = self.series[series_instance_uid]
+        return values
+
+    def as_json(self) -> dict[str, Any]:
+        return {"study_time": self.study_time, "series": {uid: list(pair) for uid, pair in self.series.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TimeEdits:
+        series = {str(uid): (str(pair[0]), str(pair[1])) for uid, pair in dict(data.get("series") or {}).items()}
+        return cls(str(data["study_time"]), series)
+
+
+@dataclass(frozen=True)
+class StudyProblem:
+    """One instance (or series) the router would mangle: which, which element, which rule."""
+
+    where: str
+    keyword: str
+    rule: str
+
+
+@dataclass(frozen=True)
+class StudyCheck:
+    """What the pre-flight found: the problems (none: routable), and what the FHIR steps may use of the study."""
+
+    problems: tuple[StudyProblem, ...]
+    instances: int
+    series: int
+    modalities: tuple[str, ...]
+    description: str | None
+    started: datetime | None
+    """StudyDate + StudyTime in the PACS's zone; None when they are not usable."""
+    times: TimeEdits | None
+    """What the tag edit writes so the router builds a valid `started`; None when the study is refused."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def describe(self, limit: int = 5) -> str:
+        """One message per (element, rule), naming the first instances it concerns: no patient data in it."""
+        grouped: dict[tuple[str, str], list[str]] = {}
+        for problem in self.problems:
+            grouped.setdefault((problem.keyword, problem.rule), []).append(problem.where)
+        lines = []
+        for (keyword, rule), where in list(grouped.items())[:limit]:
+            more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+            lines.append(f"{keyword} {rule} ({', '.join(where[:3])}{more})")
+        if len(grouped) > limit:
+            lines.append(f"and {len(grouped) - limit} more kinds of problem")
+        return "; ".join(lines)
+
+
+def check_study(instances: Sequence[Mapping[str, str | None]], *, zone: tzinfo, now: datetime) -> StudyCheck:
+    """Check a whole study, from its PACS metadata, for what would stop the official router or the platform.
+
+    `instances` holds, per instance, the STUDY_METADATA_KEYWORDS as text (absent: not in the mapping; present
+    but empty: ""). Rules, each named in the problem with the instance:
+
+    * every instance has valid Study/Series/SOP Instance UIDs and SOP Class UID, a Modality, and a SeriesNumber
+      and InstanceNumber that are non-negative integers (the router's FHIR library stops building the
+      ImagingStudy at the first instance without them and posts the part before it);
+    * StudyDate is a date, and StudyTime a DICOM time (written HHMMSS by the tag edit). A missing or empty
+      StudyTime is taken from the study itself when it can be: the earliest SeriesTime, AcquisitionTime or
+      ContentTime of the study recorded on the StudyDate. Otherwise the study is refused: the gateway does not
+      make up a time (the router would write a zone-less midnight the platform refuses);
+    * each series' SeriesDate/SeriesTime is a date and a time; a missing one is taken from the series' earliest
+      AcquisitionDate/Time, else ContentDate/Time; else refused (the router would use its own clock);
+    * the study's and each series' start, in `zone`, is not before 2014-06-03 nor in the future (the platform's
+      date rules).
+    """
+    problems: list[StudyProblem] = []
+    by_series: dict[str, list[Mapping[str, str | None]]] = {}
+    for number, values in enumerate(instances, 1):
+        where = f"instance {_text(values, 'SOPInstanceUID') or f'#{number}'}"
+        for keyword in _PREFLIGHT_KEYWORDS:
+            rule = _element_rule(keyword, values.get(keyword), keyword in values)
+            if rule is not None:
+                problems.append(StudyProblem(where, keyword, rule))
+        series_uid = _text(values, "SeriesInstanceUID")
+        if series_uid:
+            by_series.setdefault(series_uid, []).append(values)
+
+    modalities = tuple(dict.fromkeys(m for m in (_text(v, "Modality") for v in instances) if m))
+    description = next((d for d in (_text(v, "StudyDescription") for v in instances) if d), None)
+    started, study_time = _study_start(instances, zone, problems)
+    series_times: dict[str, tuple[str, str]] = {}
+    for series_uid, members in by_series.items():
+        pair = _series_start(series_uid, members, problems)
+        if pair is not None:
+            series_times[series_uid] = pair
+            _check_range(combine(pair[0], pair[1], zone), now, f"series {series_uid}", "SeriesDate", problems)
+    if started is not None:
+        _check_range(started, now, "the study", "StudyDate", problems)
+    times = TimeEdits(study_time, series_times) if study_time is not None and not problems else None
+    return StudyCheck(
+        problems=tuple(problems),
+        instances=len(instances),
+        series=len(by_series),
+        modalities=modalities,
+        description=description,
+        started=started,
+        times=times,
+    )
+
+
+def combine(da: str, tm: str, zone: tzinfo) -> datetime:
+    """DA + normalised TM in `zone`, as an aware datetime."""
+    return datetime.combine(parse_date(da), _as_time(tm), tzinfo=zone)
+
+
+def _text(values: Mapping[str, str | None], keyword: str) -> str:
+    return str(values.get(keyword) or "").strip()
+
+
+def _element_rule(keyword: str, value: object, present: bool) -> str | None:
+    """Why the router cannot take this element, or None (the rules of `check_routable`)."""
+    if not present:
+        return "is missing"
+    if _is_empty(value):
+        return "is empty"
+    text = str(value).strip()
+    if keyword in ROUTER_UID_KEYWORDS and not UID(text).is_valid:
+        return f"{text!r} is not a valid UID"
+    if keyword in ROUTER_NUMBER_KEYWORDS:
+        if not _is_integer(text):
+            return f"{text!r} is not an integer"
+        if int(text) < 0:
+            return f"{text} is negative (FHIR's unsignedInt)"
+    return None
+
+
+def _study_start(
+    instances: Sequence[Mapping[str, str | None]], zone: tzinfo, problems: list[StudyProblem]
+) -> tuple[datetime | None, str | None]:
+    """The study's start and the StudyTime to write, from the first instance's StudyDate/StudyTime."""
+    if not instances:
+        return None, None
+    first = instances[0]
+    where = f"instance {_text(first, 'SOPInstanceUID') or '#1'}"
+    study_date = _text(first, "StudyDate")
+    if not study_date:
+        problems.append(StudyProblem(where, "StudyDate", "is missing or empty: the study's start is unknown"))
+        return None, None
+    try:
+        parse_date(study_date)
+    except ValueError as error:
+        problems.append(StudyProblem(where, "StudyDate", str(error)))
+        return None, None
+    stored = _text(first, "StudyTime")
+    if stored:
+        try:
+            study_time = normalise_time(stored)
+        except ValueError as error:
+            problems.append(StudyProblem(where, "StudyTime", str(error)))
+            return None, None
+    else:
+        found = _earliest(
+            instances,
+            (("SeriesDate", "SeriesTime"), ("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")),
+            on_date=study_date,
+        )
+        if found is None:
+            problems.append(
+                StudyProblem(
+                    where,
+                    "StudyTime",
+                    "is missing or empty, and no SeriesTime, AcquisitionTime or ContentTime of the study on its "
+                    "StudyDate gives the study's time; the gateway does not make one up",
+                )
+            )
+            return None, None
+        study_time = found[1]
+    return combine(study_date, study_time, zone), study_time
+
+
+def _series_start(
+    series_uid: str, members: Sequence[Mapping[str, str | None]], problems: list[StudyProblem]
+) -> tuple[str, str] | None:
+    """(SeriesDate, SeriesTime) to write for the series: as stored (the time as HHMMSS), else its earliest
+    acquisition or content date and time."""
+    first = members[0]
+    where = f"series {series_uid}"
+    stored_date, stored_time = _text(first, "SeriesDate"), _text(first, "SeriesTime")
+    found = None
+    if not stored_date or not stored_time:
+        found = _earliest(members, (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")))
+    result: list[str] = []
+    for keyword, stored, position, check in (
+        ("SeriesDate", stored_date, 0, _checked_date),
+        ("SeriesTime", stored_time, 1, normalise_time),
+    ):
+        if stored:
+            try:
+                result.append(str(check(stored)))
+            except ValueError as error:
+                problems.append(StudyProblem(where, keyword, str(error)))
+        elif found is not None:
+            result.append(found[position])
+        else:
+            problems.append(
+                StudyProblem(
+                    where,
+                    keyword,
+                    "is missing or empty, and no acquisition or content date and time of the series gives it; the "
+                    "gateway does not make one up (the router would use its own clock)",
+                )
+            )
+    return (result[0], result[1]) if len(result) == 2 else None
+
+
+def _earliest(
+    instances: Sequence[Mapping[str, str | None]],
+    pairs: Sequence[tuple[str, str]],
+    on_date: str | None = None,
+) -> tuple[str, str] | None:
+    """The earliest valid (date, normalised time) among the instances' date/time element pairs, if any
+    (only those on `on_date` when given)."""
+    candidates: list[tuple[str, str]] = []
+    for values in instances:
+        for date_keyword, time_keyword in pairs:
+            da, tm = _text(values, date_keyword), _text(values, time_keyword)
+            if not da or not tm or (on_date is not None and da != on_date):
+                continue
+            try:
+                parse_date(da)
+                candidates.append((da, normalise_time(tm)))
+            except ValueError:
+                continue
+    return min(candidates, key=lambda pair: (pair[0], _as_time(pair[1]))) if candidates else None
+
+
+def _check_range(started: datetime, now: datetime, what: str, keyword: str, problems: list[StudyProblem]) -> None:
+    if started < EARLIEST_DATETIME:
+        problems.append(StudyProblem(what, keyword, f"puts the start at {started.isoformat()}, before 2014-06-03"))
+    elif started > now + MAX_CLOCK_SKEW:
+        problems.append(StudyProblem(what, keyword, f"puts the start at {started.isoformat()}, in the future"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,7 +539,9 @@ class EncodedInstance:
         return ds
 
 
-def edit_encoded_for_satusehat(part10: bytes, *, accession_number: str, patient_id: str | None) -> EncodedInstance:
+def edit_encoded_for_satusehat(
+    part10: bytes, *, accession_number: str, patient_id: str | None, times: TimeEdits | None = None
+) -> EncodedInstance:
     """`edit_for_satusehat` on a Part-10 file as the PACS sent it; return the edited data set ready to send.
 
     The file is walked element by element only up to InstanceNumber (0020,0013); AccessionNumber and PatientID are
@@ -223,9 +554,9 @@ def edit_encoded_for_satusehat(part10: bytes, *, accession_number: str, patient_
     if patient_id is not None:
         validate_patient_id(patient_id)
     try:
-        return _edit_encoding(part10, accession_number, patient_id)
+        return _edit_encoding(part10, accession_number, patient_id, times)
     except _NotPlain:
-        return _edit_by_reencoding(part10, accession_number, patient_id)
+        return _edit_by_reencoding(part10, accession_number, patient_id, times)
 
 
 class _NotPlain(Exception):
@@ -246,14 +577,16 @@ _SUMMARY_KEYWORDS = {
     0x00200011: "SeriesNumber",
     0x00200013: "InstanceNumber",
 }
+_TIME_TAGS = {"SeriesDate": 0x00080021, "StudyTime": 0x00080030, "SeriesTime": 0x00080031}
 _GROUP_LENGTHS = (0x00080000, 0x00100000)
-_EDIT_VR = {_ACCESSION: b"SH", _PATIENT_ID: b"LO"}
+_EDIT_VR = {_ACCESSION: b"SH", _PATIENT_ID: b"LO", 0x00080021: b"DA", 0x00080030: b"TM", 0x00080031: b"TM"}
 _LONG_LENGTH_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_WANTED = frozenset(_SUMMARY_KEYWORDS) | frozenset(_GROUP_LENGTHS)
+_WANTED = frozenset(_SUMMARY_KEYWORDS) | frozenset(_GROUP_LENGTHS) | frozenset(_TIME_TAGS.values())
+_EDIT_TAGS = tuple(sorted(_EDIT_VR))
 
 
 class _Walker:
@@ -325,7 +658,9 @@ class _Walker:
             pos = self.element(pos, implicit)[3]
 
 
-def _edit_encoding(part10: bytes, accession_number: str, patient_id: str | None) -> EncodedInstance:
+def _edit_encoding(
+    part10: bytes, accession_number: str, patient_id: str | None, times: TimeEdits | None = None
+) -> EncodedInstance:
     buf = memoryview(part10)
     start, ts = _after_file_meta(buf)
     try:
@@ -338,44 +673,49 @@ def _edit_encoding(part10: bytes, accession_number: str, patient_id: str | None)
 
     # Top-level walk up to InstanceNumber: where the edited elements are (or would go) and what the pre-flight reads.
     found: dict[int, tuple[int, int, int]] = {}  # tag -> (header offset, value offset, end offset)
-    accession_at = patient_at = -1
+    insert_at: dict[int, int] = {}  # edited tag -> offset of the first element at or after it
+    pending, next_insert = _EDIT_TAGS, 0
     previous, pos = -1, start
     while pos < len(buf):
         tag, _, value, end = walker.element(pos, implicit)
         if tag <= previous:
             raise _NotPlain("elements out of order")
-        if accession_at < 0 and tag >= _ACCESSION:
-            accession_at = pos
-        if patient_at < 0 and tag >= _PATIENT_ID:
-            patient_at = pos
+        while next_insert < len(pending) and tag >= pending[next_insert]:
+            insert_at[pending[next_insert]] = pos
+            next_insert += 1
         if tag > _LAST_READ:
             break
         if tag in _WANTED:
             found[tag] = (pos, value, end)
         previous, pos = tag, end
-    insert_at = {
-        _ACCESSION: accession_at if accession_at >= 0 else pos,
-        _PATIENT_ID: patient_at if patient_at >= 0 else pos,
-    }
+    for tag in pending[next_insert:]:
+        insert_at[tag] = pos
 
-    summary = {
-        keyword: bytes(buf[found[tag][1] : found[tag][2]]).decode("latin-1").strip(" \0")
-        for tag, keyword in _SUMMARY_KEYWORDS.items()
-        if tag in found
-    }
+    def stored(tag: int) -> str:
+        return bytes(buf[found[tag][1] : found[tag][2]]).decode("latin-1").strip(" \0") if tag in found else ""
+
+    summary = {keyword: stored(tag) for tag, keyword in _SUMMARY_KEYWORDS.items() if tag in found}
     new_values = {_ACCESSION: accession_number}
     if patient_id is not None:
         new_values[_PATIENT_ID] = patient_id
+    if times is not None:
+        for keyword, text in times.values_for(summary.get("SeriesInstanceUID", "")).items():
+            if stored(_TIME_TAGS[keyword]) != text:
+                new_values[_TIME_TAGS[keyword]] = text
     edits: list[tuple[int, int, bytes]] = []
-    for tag, text in new_values.items():
+    growth: dict[int, int] = {}
+    for tag, text in sorted(new_values.items()):
         encoded = _encode_element(tag, _EDIT_VR[tag], _padded(text), implicit, little)
         old = found.get(tag)
         begin, end = (old[0], old[2]) if old is not None else (insert_at[tag], insert_at[tag])
         edits.append((begin, end, encoded))
-        group_length = found.get(tag & 0xFFFF0000)
+        growth[tag & 0xFFFF0000] = growth.get(tag & 0xFFFF0000, 0) + len(encoded) - (end - begin)
+        if tag in _SUMMARY_KEYWORDS:
+            summary[_SUMMARY_KEYWORDS[tag]] = text
+    for group, delta in growth.items():
+        group_length = found.get(group)
         if group_length is not None:
-            edits.append(_group_length_edit(walker, group_length, len(encoded) - (end - begin)))
-        summary[_SUMMARY_KEYWORDS[tag]] = text
+            edits.append(_group_length_edit(walker, group_length, delta))
 
     parts: list[bytes | memoryview] = []
     cursor = start
@@ -444,7 +784,9 @@ class NotDicom(ValueError):
     transfer syntax nobody knows, or bytes pydicom cannot read (an HTML error page, a truncated file)."""
 
 
-def _edit_by_reencoding(part10: bytes, accession_number: str, patient_id: str | None) -> EncodedInstance:
+def _edit_by_reencoding(
+    part10: bytes, accession_number: str, patient_id: str | None, times: TimeEdits | None = None
+) -> EncodedInstance:
     """The general path: pydicom decodes the whole file, the edit is `edit_for_satusehat`, then encode again."""
     opening = bytes(part10[128:132] if bytes(part10[128:132]) == b"DICM" else part10[:16])
     try:
@@ -459,7 +801,7 @@ def _edit_by_reencoding(part10: bytes, accession_number: str, patient_id: str | 
         ts.is_implicit_VR  # noqa: B018  (raises for a UID that is not a known transfer syntax)
     except ValueError:
         raise NotDicom(f"unknown transfer syntax {str(ts)!r} in the file meta: cannot read the data set") from None
-    edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id)
+    edit_for_satusehat(ds, accession_number=accession_number, patient_id=patient_id, times=times)
     return EncodedInstance(ts, (encode_data_set(ds, ts),), ds)
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import re
 import tempfile
+from datetime import tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.timeutil import WIB, WIT, WITA
 
 AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
 """A DICOM AE title: 1 to 16 printable ASCII characters, not all spaces (PS3.5 AE value representation)."""
@@ -152,6 +155,21 @@ class Settings(BaseSettings):
     @property
     def auth_base(self) -> str:
         return str(self.ss_auth_url).rstrip("/")
+
+    # The PACS study and the router's ImagingStudy (docs/his-integration.md, "The study, checked first").
+    study_timezone: Literal["Asia/Jakarta", "Asia/Makassar", "Asia/Jayapura"] = Field(
+        default="Asia/Jakarta", alias="STUDY_TIMEZONE"
+    )
+    """The zone of the PACS's StudyDate/StudyTime: the router's `tz_name`, the modality's local time."""
+    imaging_study_resend: bool = Field(default=True, alias="IMAGING_STUDY_RESEND")
+    """Send the study once more when no complete ImagingStudy came within IMAGING_STUDY_DEADLINE_S (false: fail)."""
+    imaging_study_resend_grace_s: float = Field(default=300.0, ge=0, alias="IMAGING_STUDY_RESEND_GRACE_S")
+    """When no ImagingStudy of the study exists at all at the deadline, how much longer to wait before sending
+    again: the router may still be building the first, and a re-send then makes a second ImagingStudy."""
+
+    @property
+    def study_zone(self) -> tzinfo:
+        return {"Asia/Jakarta": WIB, "Asia/Makassar": WITA, "Asia/Jayapura": WIT}[self.study_timezone]
 
 
 class RisSettings(BaseSettings):

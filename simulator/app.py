@@ -25,11 +25,15 @@ from pydicom.errors import InvalidDicomError
 from simulator import rules
 from simulator.faults import HttpFault, RouterFault
 from simulator.platform import OutcomeError, Platform
+from simulator.registry import NIK_SYSTEM, RegistryError
+from simulator.search import SearchError
 
 FHIR_PREFIX = "/fhir-r4/v1"
 AUTH_PREFIX = "/oauth2/v1"
 STOW_PATH = "/dicom/v1/dicomWeb/studies"
 FHIR_JSON = "application/fhir+json"
+REGISTRY_UPDATED = "2024-01-01T00:00:00+00:00"
+"""meta.lastUpdated of registry entries: the seed is synthetic and has no history of its own."""
 
 AUTH_FAILED_TEXT = (
     "The user or system was not able to be authenticated "
@@ -84,6 +88,11 @@ def create_app(platform: Platform) -> FastAPI:
             return denied
         return JSONResponse({})
 
+    # --- the registries (Patient, Practitioner by NIK), before the generic routes so they take precedence ---
+
+    for person_kind in ("Patient", "Practitioner"):
+        _add_person_routes(app, platform, person_kind, lambda request: _check_token(request))
+
     @app.post(FHIR_PREFIX + "/{resource_type}")
     async def create(resource_type: str, request: Request) -> Response:
         if (denied := _check_token(request)) is not None:
@@ -112,9 +121,14 @@ def create_app(platform: Platform) -> FastAPI:
     async def search(resource_type: str, request: Request) -> Response:
         if (denied := _check_token(request)) is not None:
             return denied
+        # Starlette decodes the query once (%7C → |, %2C → ,): FHIR's own escaping (\, \$ \|) is left for
+        # simulator/search.py, so the router's raw `identifier=<system>%7C<ACSN>` reads as the platform reads it.
         params = list(request.query_params.multi_items())
         base = str(request.base_url).rstrip("/") + FHIR_PREFIX
-        return _run(lambda: platform.search(resource_type, params, base), 200)
+        try:
+            return _run(lambda: platform.search(resource_type, params, base), 200)
+        except SearchError as error:
+            return _outcome(400, "error", "invalid", f"{error}")
 
     # --- STOW, as the official router sends it -------------------------------------------------------------
 
@@ -167,8 +181,66 @@ def create_app(platform: Platform) -> FastAPI:
     return app
 
 
+def _add_person_routes(app: FastAPI, platform: Platform, kind: str, check_token: Any) -> None:
+    """`GET /{kind}?identifier=https://fhir.kemkes.go.id/id/nik|<NIK>` and `GET /{kind}/{id}`, from the registry.
+
+    The answer's shape is what public integrations read: a searchset Bundle with `total` and
+    `entry[].resource.id` (the IHS number) and `name[].text` (satusehat.md 1.3; field_notes.md)."""
+    registry = platform.registry
+
+    @app.get(f"{FHIR_PREFIX}/{kind}")
+    async def search_people(request: Request) -> Response:
+        if (denied := check_token(request)) is not None:
+            return denied
+        found = []
+        for name, value in request.query_params.multi_items():
+            if name == "identifier":
+                system, _, nik = value.rpartition("|")
+                found = registry.by_nik(kind, nik) if system == NIK_SYSTEM else []
+        base = str(request.base_url).rstrip("/") + FHIR_PREFIX
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(found),
+            "link": [{"relation": "self", "url": str(request.url)}],
+        }
+        if found:
+            bundle["entry"] = [
+                {"fullUrl": f"{base}/{kind}/{e.id}", "resource": _with_meta(e.resource()), "search": {"mode": "match"}}
+                for e in found
+            ]
+        return _fhir_json(200, bundle)
+
+    @app.get(FHIR_PREFIX + f"/{kind}/{{resource_id}}")
+    async def read_person(resource_id: str, request: Request) -> Response:
+        if (denied := check_token(request)) is not None:
+            return denied
+        entry = registry.get(kind, resource_id)
+        if entry is None:
+            error = OutcomeError.single(404, rules.NOT_FOUND, kind, reference=f"{kind}/{resource_id}")
+            return _fhir_json(404, error.outcome())
+        return _fhir_json(200, _with_meta(entry.resource()))
+
+
+def _with_meta(resource: dict[str, Any]) -> dict[str, Any]:
+    return {**resource, "meta": {"lastUpdated": REGISTRY_UPDATED, "versionId": "1"}}
+
+
 def _add_admin_routes(app: FastAPI, platform: Platform) -> None:
     store, faults = platform.store, platform.faults
+
+    @app.get("/admin/registry")
+    async def registry_entries() -> dict[str, Any]:
+        return platform.registry.describe()
+
+    @app.post("/admin/registry")
+    async def registry_add(request: Request) -> Response:
+        """Register Patients/Practitioners/Locations/Organizations (the --registry file format)."""
+        try:
+            added = platform.registry.add(json.loads(await request.body()))
+        except (json.JSONDecodeError, UnicodeDecodeError, RegistryError) as error:
+            return _outcome(400, "error", "value", f"registry: {error}")
+        return JSONResponse({"added": added})
 
     @app.get("/admin/state")
     async def state() -> dict[str, Any]:

@@ -34,6 +34,11 @@ class SimulatorConfig:
     """The fault-injection / inspection endpoint under /admin; off unless asked for."""
     clock_skew_s: float = 300.0
     """How far in the future a date may be before it counts as 'in the future' (clocks differ)."""
+    registry_files: tuple[Path, ...] = ()
+    """JSON files of Patients, Practitioners, Locations and Organizations added to the synthetic seed
+    (simulator/registry.py describes the format)."""
+    strict_undocumented: bool = False
+    """Also enforce the catalogue rows no public source documents (simulator/catalogue.py, `default=False`)."""
 
     def with_ports(self, http_port: int, dicom_port: int) -> SimulatorConfig:
         return replace(self, http_port=http_port, dicom_port=dicom_port)

@@ -10,11 +10,11 @@ import datetime as dt
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
 
-from simulator import rules
+from simulator import rules, search
 from simulator.config import SimulatorConfig
 from simulator.faults import Faults
+from simulator.registry import Registry
 from simulator.rules import Rule, Violation
 from simulator.store import Store
 
@@ -52,6 +52,7 @@ class Platform:
         self.config = config
         self.store = store
         self.faults = faults or Faults()
+        self.registry = Registry.seeded(config.org_id, list(config.registry_files))
         self._clock = clock
         # Duplicate check and insert must be one step, or two racing POSTs both get through.
         self._write_lock = threading.Lock()
@@ -96,43 +97,13 @@ class Platform:
         return found
 
     def search(self, resource_type: str, params: list[tuple[str, str]], base_url: str = "") -> dict[str, Any]:
-        """A searchset Bundle. Supports identifier, subject, based-on, _id, _sort=(-)_lastUpdated, _count."""
+        """A searchset Bundle, FHIR search semantics as the platform applies them: simulator/search.py.
+
+        Raises search.SearchError for a `_sort` / `_count` it cannot evaluate.
+        """
         self._require_supported(resource_type)
-        matches = self._candidates(resource_type, params)  # newest first
-        count: int | None = None
-        newest_first = True
-        for name, value in params:
-            if name == "identifier":
-                system, bar, ident = value.rpartition("|")
-                wanted_system = system if bar and system else None
-                matches = [r for r in matches if _has_identifier(r, wanted_system, ident)]
-            elif name in ("subject", "patient"):
-                reference = value if "/" in value else f"Patient/{value}"
-                matches = [r for r in matches if (r.get("subject") or {}).get("reference") == reference]
-            elif name == "based-on":
-                matches = [r for r in matches if value in {b.get("reference") for b in r.get("basedOn", [])}]
-            elif name == "_id":
-                matches = [r for r in matches if r["id"] == value]
-            elif name == "_sort":
-                newest_first = value.strip() != "_lastUpdated"
-            elif name == "_count":
-                count = max(0, int(value)) if value.strip().isdigit() else None
-        if not newest_first:
-            matches.reverse()
-        total = len(matches)
-        shown = matches if count is None else matches[:count]
-        bundle: dict[str, Any] = {
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": total,
-            "link": [{"relation": "self", "url": f"{base_url}/{resource_type}?{urlencode(params)}"}],
-        }
-        if shown:
-            bundle["entry"] = [
-                {"fullUrl": f"{base_url}/{resource_type}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                for r in shown
-            ]
-        return bundle
+        query = search.parse(params)
+        return search.bundle(resource_type, params, search.run(self.store, resource_type, query), query, base_url)
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -148,28 +119,21 @@ class Platform:
         self._require_supported(kind)
         return resource
 
-    def _candidates(self, resource_type: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """Start from the identifier index when the search names one; the filters below still apply."""
-        for name, value in params:
-            if name == "identifier":
-                system, bar, ident = value.rpartition("|")
-                return self.store.find_by_identifier(resource_type, system if bar and system else None, ident)
-        return self.store.all(resource_type)
-
     def _require_supported(self, resource_type: str) -> None:
         if resource_type not in rules.SUPPORTED_TYPES:
             raise OutcomeError.single(400, rules.UNSUPPORTED_TYPE, resource_type, resource=resource_type)
 
     def _validate(self, resource_type: str, body: dict[str, Any]) -> None:
-        violations = rules.check_structure(resource_type, body)
-        if violations:  # the business rules assume a well-formed resource
-            raise OutcomeError(400, violations)
-        violations = rules.check_rules(resource_type, body, self.config.org_id, self._clock(), self.config.clock_skew_s)
-        for path, kind, ident in rules.local_references(resource_type, body):
-            if not self.store.exists(kind, ident):
-                violations.append(
-                    Violation(rules.NOT_FOUND, path, rules.NOT_FOUND.text.format(reference=f"{kind}/{ident}"))
-                )
+        """The catalogue's rules (simulator/catalogue.py), applied by simulator.rules."""
+        context = rules.Context(
+            org_id=self.config.org_id,
+            now=self._clock(),
+            clock_skew_s=self.config.clock_skew_s,
+            registry=self.registry,
+            read=self.store.read,
+            strict_undocumented=self.config.strict_undocumented,
+        )
+        violations = rules.check(resource_type, body, context)
         if violations:
             raise OutcomeError(400, violations)
 
@@ -198,10 +162,3 @@ _OWN_IDENTIFIER: dict[str, tuple[str, ...]] = {
     "diagnostic/{org}/lab": ("DiagnosticReport",),
 }
 """Identifier systems that name one resource each, and the types they belong to."""
-
-
-def _has_identifier(resource: dict[str, Any], system: str | None, value: str) -> bool:
-    return any(
-        ident.get("value") == value and (system is None or ident.get("system") == system)
-        for ident in resource.get("identifier", [])
-    )

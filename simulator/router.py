@@ -13,10 +13,18 @@ What it copies from the router (shared/research/satusehat.md §3, observed_contr
 * Processing happens only on A-RELEASE (the router binds EVT_RELEASED and nothing for EVT_ABORTED): an aborted
   association, or a connection that drops without release, never yields an ImagingStudy; its instances are
   discarded ("router.discarded" event). For each (StudyInstanceUID, AccessionNumber) of a released association,
-  in arrival order: empty ACSN → skipped; ServiceRequest found by identifier acsn/{org}|ACSN (newest first, as
-  `_sort=-_lastUpdated&_count=1`) → none, or a subject that is not "Patient/<id>" → skipped ("ServiceRequest not
+  in arrival order: empty ACSN → skipped; ServiceRequest searched as the router's raw query
+  `identifier=acsn/{org}%7CACSN&_sort=-_lastUpdated&_count=1` (FHIR search semantics: an ACSN with `,` is two
+  values OR-ed, see simulator/search.py) → none, or a subject that is not "Patient/<id>" → skipped ("ServiceRequest not
   found"); then the ImagingStudy is built from *this association's* instances only and replaces the newest one
   with that ACSN (PUT, same id) or is created (POST). There is no retry, as in production.
+* The build is the router's (simulator/imaging.py): a later instance its FHIR library refuses (no
+  InstanceNumber, a negative one, a new series without SeriesNumber or Modality) ends the build there, and the
+  partial ImagingStudy is posted all the same ("router.build_stopped" event, then "router.imagingstudy" with
+  `partial`); a `started` without a zone (StudyTime absent, empty or shorter than hhmmss) is posted as is and
+  refused by the platform's date rules ("router.failed"), so no ImagingStudy appears, as in production.
+* The POST/PUT goes through Platform.create / Platform.update with the JSON text the router would send, the same
+  path and rules as an external `POST /fhir-r4/v1/ImagingStudy`: the emulation never bypasses validation.
 * The platform sees it `router_delay_s` after the release, from a worker thread: the gateway must poll, as in
   production. Processing is serial (one worker), which avoids the router's create/create race on one ACSN.
 
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import socket
 import threading
@@ -45,6 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import parse_qsl, urlsplit
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -114,9 +124,11 @@ class _Platform(Protocol):
     store: Store
     faults: Faults
 
-    def create(self, resource: dict[str, Any]) -> dict[str, Any]: ...
+    def create(self, resource: Any, resource_type: str | None = None) -> dict[str, Any]: ...
 
     def update(self, resource_type: str, resource_id: str, resource: dict[str, Any]) -> dict[str, Any]: ...
+
+    def search(self, resource_type: str, params: list[tuple[str, str]], base_url: str = "") -> dict[str, Any]: ...
 
 
 @dataclass
@@ -400,12 +412,11 @@ class RouterEmulator:
             if not accession:
                 self._log("router.skipped", reason="empty AccessionNumber: Failed to create ImagingStudy", **where)
                 continue
-            existing = self.store.find_by_identifier("ImagingStudy", system, accession)
-            requests = self.store.find_by_identifier("ServiceRequest", system, accession)
-            if not requests:
+            existing = self._router_search("ImagingStudy", system, accession)
+            service_request = self._router_search("ServiceRequest", system, accession)
+            if service_request is None:
                 self._log("router.skipped", reason="ServiceRequest not found", **where)
                 continue
-            service_request = requests[0]
             subject = patient_reference(service_request)
             if subject is None:
                 self._log(
@@ -415,9 +426,9 @@ class RouterEmulator:
                     **where,
                 )
                 continue
-            imaging_study_id = existing[0]["id"] if existing else None
+            imaging_study_id = existing["id"] if existing else None
             try:
-                body = build_imaging_study(
+                built = build_imaging_study(
                     headers,
                     service_request_id=service_request["id"],
                     subject_reference=subject,
@@ -427,9 +438,23 @@ class RouterEmulator:
             except ImagingStudyBuildError as exc:
                 self._log("router.failed", reason=f"Failed to create ImagingStudy: {exc}", tag=exc.tag, **where)
                 continue
+            if built.stopped is not None:
+                # process_dicom_2_fhir prints the error and returns the study built so far; the router POSTs it.
+                self._log(
+                    "router.build_stopped",
+                    reason=str(built.stopped),
+                    tag=built.stopped.tag,
+                    sop_instance_uid=built.stopped.sop_instance_uid,
+                    instances=built.study["numberOfInstances"],
+                    received=len(headers),
+                    **where,
+                )
+            # What goes over the wire: JSON text, parsed by the platform as an external POST/PUT body is, through
+            # the same Platform.create / Platform.update (and so the same rules) as the HTTP routes.
+            body = json.loads(json.dumps(built.study))
             try:
                 if imaging_study_id is None:
-                    saved = self.platform.create(body)
+                    saved = self.platform.create(body, "ImagingStudy")
                 else:
                     saved = self.platform.update("ImagingStudy", imaging_study_id, body)
             except Exception as exc:
@@ -451,8 +476,27 @@ class RouterEmulator:
                 service_request=service_request["id"],
                 series=body["numberOfSeries"],
                 instances=body["numberOfInstances"],
+                partial=built.stopped is not None,
                 **where,
             )
+
+    def _router_search(self, resource_type: str, system: str, accession: str) -> dict[str, Any] | None:
+        """The router's lookup by ACSN, through the platform's search as its HTTP GET reaches it.
+
+        The router writes the ACSN into the URL raw, encoding only `|` (interface/satusehat.py:
+        `?identifier=<system>%7C<ACSN>&_sort=-_lastUpdated&_count=1`); the platform decodes that query string once
+        and applies FHIR search semantics (simulator/search.py). So an ACSN with a `,` is searched as two values
+        OR-ed (the ServiceRequest holding the whole ACSN is not found), and `&`, `#` or `+` cut or change it, as
+        in production. Like the router: `total >= 1` → `entry[0].resource`, else nothing.
+        """
+        url = f"/{resource_type}?identifier={system}%7C{accession}&_sort=-_lastUpdated&_count=1"
+        params = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        found = self.platform.search(resource_type, params)
+        entries = found.get("entry") or []
+        if found.get("total", 0) >= 1 and entries:
+            resource = entries[0].get("resource")
+            return resource if isinstance(resource, dict) else None
+        return None
 
     # --- helpers ---------------------------------------------------------------------------------------
 

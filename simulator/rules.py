@@ -1,9 +1,9 @@
-"""SATUSEHAT's validation rules for the five radiology resources, as a table the simulator applies.
+"""SATUSEHAT's validation, applied from the rule catalogue (simulator/catalogue.py) to every resource type.
 
-Where the research (shared/research/satusehat.md, from the platform's "kamus validasi" as catalogued by
-ivanwilliammd/satusehat-integration and the platform docs) gives a rule number, the simulator answers with that
-number. Where it found none, the rule carries a simulator-local number in the 19xxx range, which the platform's
-catalogue does not use (10xxx are payload rules, 20xxx platform rules); those are marked `local=True` below.
+`check()` is the whole validation of a posted resource: the catalogue's required elements, FHIR structure
+(fhir.resources), identifiers, dates, codes (simulator/terminology), references (the registry for Patient,
+Practitioner, Location and Organization; the store for the rest) and subject consistency. Each violation names
+its catalogue row, so the answer carries the row's RuleNumber, issue code and the element's path.
 
 This module must not import the gateway: the simulator judges the gateway's builders, it must not mirror them.
 """
@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
+
+from simulator import terminology
+from simulator.catalogue import Rule, rule
+from simulator.registry import KINDS as REGISTRY_KINDS
+from simulator.registry import Registry
+
+__all__ = ["Rule", "Violation", "check"]
 
 SYS_IDS = "http://sys-ids.kemkes.go.id/"
 EARLIEST_DATE = dt.date(2014, 6, 3)
@@ -27,18 +34,20 @@ SUPPORTED_TYPES = ("Encounter", "ServiceRequest", "ImagingStudy", "Observation",
 REFERENCEABLE_TYPES = frozenset(SUPPORTED_TYPES)
 
 # The dateTime forms the docs allow: YYYY, YYYY-MM, YYYY-MM-DD, YYYY-MM-DDThh:mm:ss+zz:zz.
-_DATETIME_FORM = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2})?)?)?$")
+_DATETIME_FORM = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}:\d{2}(\.\d+)?[+-]\d{2}:\d{2})?)?)?$")
 _DATE_KEYS = frozenset({"start", "end", "occurrenceDateTime", "authoredOn", "effectiveDateTime", "issued", "started"})
+_REFERENCE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})$")
 
-
-@dataclass(frozen=True)
-class Rule:
-    """One rule: its number, what it says, and the OperationOutcome issue code it is reported under."""
-
-    number: int
-    text: str
-    code: str = "value"
-    local: bool = False
+# Request-level rows, by the names the platform and the HTTP app use.
+DUPLICATE = rule("request.duplicate")
+UNREADABLE_JSON = rule("request.unreadable")
+INVALID_PAYLOAD = rule("request.invalid_json")
+NOT_FHIR = rule("request.not_fhir")
+NOT_FOUND = rule("any.reference.not_found")
+ID_REQUIRED = rule("request.id_required")
+ID_MISMATCH = rule("request.id_mismatch")
+INVALID_TOKEN = rule("request.token")
+UNSUPPORTED_TYPE = rule("request.unsupported")
 
 
 @dataclass(frozen=True)
@@ -48,185 +57,197 @@ class Violation:
     text: str
 
     def issue(self) -> dict[str, Any]:
+        number = f" (RuleNumber: {self.rule.number})" if self.rule.number is not None else ""
         return {
             "severity": "error",
             "code": self.rule.code,
-            "details": {"text": f"{self.text} (RuleNumber: {self.rule.number})"},
+            "details": {"text": f"{self.text}{number}"},
             "expression": [self.expression],
         }
 
 
-# --- the table ---------------------------------------------------------------------------------------------
+def violation(key: str, expression: str, **fields: str) -> Violation:
+    row = rule(key)
+    return Violation(row, expression, row.text.format(**fields) if fields else row.text)
 
-WRONG_ORG = Rule(10117, "Wrong organization ID provided by system URL: {system}")
-ENCOUNTER_IDENTIFIER = Rule(10117, "Encounter.identifier with system encounter/{org} is required", code="required")
-ENCOUNTER_SUBJECT = Rule(10118, "Encounter.subject is required", code="required")
-ENCOUNTER_PARTICIPANT = Rule(10119, "Encounter.participant.individual is required", code="required")
-ENCOUNTER_LOCATION = Rule(10120, "Encounter.location.location is required", code="required")
-ENCOUNTER_PERIOD = Rule(10121, "Encounter.period is required (start and end when finished)", code="required")
-ENCOUNTER_STATUS_HISTORY = Rule(10122, "Encounter.statusHistory is required", code="required")
-ENCOUNTER_PERIOD_START = Rule(10123, "Encounter.period.start is required", code="required")
-ENCOUNTER_SERVICE_PROVIDER = Rule(10124, "Encounter.serviceProvider is required", code="required")
-ENCOUNTER_PERIOD_ORDER = Rule(10173, "Encounter.period.end must be later than Encounter.period.start")
 
-SR_CODE_SYSTEM = Rule(10060, "ServiceRequest.code must use ICD-9-CM, LOINC, SNOMED CT or a Kemkes code system")
-SR_ENCOUNTER = Rule(10141, "ServiceRequest.encounter is required", code="required")
-SR_REQUESTER = Rule(10376, "ServiceRequest.requester is required", code="required")
-SR_ORDER_DETAIL_SYSTEM = Rule(10427, "ServiceRequest.orderDetail must use DICOM (DCM), ae-title or SNOMED CT codes")
+@dataclass(frozen=True)
+class Context:
+    """What validation needs besides the resource: the client's org, the clock, the registry and the store."""
 
-IS_IDENTIFIER = Rule(10150, "ImagingStudy.identifier with system acsn/{org} is required", code="required")
-IS_STATUS = Rule(10151, "ImagingStudy.status is required", code="required")
-IS_MODALITY = Rule(10152, "ImagingStudy.modality is required", code="required")
-IS_SUBJECT = Rule(10153, "ImagingStudy.subject is required", code="required")
-IS_BASED_ON = Rule(10154, "ImagingStudy.basedOn is required", code="required")
+    org_id: str
+    now: dt.datetime
+    clock_skew_s: float
+    registry: Registry
+    read: Callable[[str, str], dict[str, Any] | None]
+    strict_undocumented: bool = False
 
-DR_CODE_SYSTEM = Rule(10071, "DiagnosticReport.code must use LOINC or a Kemkes examination code")
-DR_CATEGORY = Rule(10073, "DiagnosticReport.category must carry a v2-0074 diagnostic service section (RAD)")
-DR_CONCLUSION = Rule(10074, "DiagnosticReport.conclusion or conclusionCode is required", code="required")
-DR_ENCOUNTER = Rule(10144, "DiagnosticReport.encounter is required", code="required")
-DR_ISSUED = Rule(10379, "DiagnosticReport.issued is required", code="required")
-DR_PERFORMER = Rule(10384, "DiagnosticReport.performer is required", code="required")
-DR_RESULT = Rule(10385, "DiagnosticReport.result is required", code="required")
-DR_BASED_ON = Rule(10387, "DiagnosticReport.basedOn is required", code="required")
-DR_IDENTIFIER_SYSTEM = Rule(10432, "DiagnosticReport.identifier system must be diagnostic/{org}/rad or /lab")
 
-DUPLICATE = Rule(20002, "Found duplicate resource: {resource}", code="duplicate")
-UNREADABLE_JSON = Rule(20005, "Request body is not readable JSON", code="invalid")
-INVALID_PAYLOAD = Rule(20006, "Request body is not a {resource} resource", code="invalid")
-NOT_FOUND = Rule(20007, "Resource not found {reference}", code="not-found")
-NOT_FHIR = Rule(20008, "Invalid FHIR value: {detail}", code="structure")
-
-# Rules the research names without a number: simulator-local numbers.
-REQUIRED_ELEMENT = Rule(19001, "{path} is required", code="required", local=True)
-INVALID_STATUS = Rule(19003, "{path} '{value}' is not a valid status for {resource}", code="code-invalid", local=True)
-IDENTIFIER_SYSTEM = Rule(19004, "{resource}.identifier with system {system} is required", code="required", local=True)
-DATETIME_FORM = Rule(
-    19010, "{path} must be YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss+zz:zz, got '{value}'", local=True
-)
-DATE_TOO_EARLY = Rule(19011, "{path} must not be earlier than 2014-06-03", local=True)
-DATE_IN_FUTURE = Rule(19012, "{path} must not be in the future", local=True)
-PERIOD_ORDER = Rule(19013, "{path}.end must be later than {path}.start", local=True)
-FOREIGN_ORGANIZATION = Rule(
-    19020,
-    "resource cannot be accessed due to business rule: {reference} is not this client's organization",
-    code="forbidden",
-    local=True,
-)
-OBSERVATION_CATEGORY = Rule(19040, "Observation.category must use the observation-category code system", local=True)
-ID_REQUIRED = Rule(19050, "id is required", local=True)
-ID_MISMATCH = Rule(19051, "id in the body ({body_id}) differs from the id in the URL ({url_id})", local=True)
-INVALID_TOKEN = Rule(19060, "Access token is invalid or expired", code="invalid-access-token", local=True)
-UNSUPPORTED_TYPE = Rule(19070, "Resource type {resource} is not supported here", code="not-supported", local=True)
-
-STATUSES: dict[str, frozenset[str]] = {
-    "Encounter": frozenset(
-        {
-            "planned",
-            "arrived",
-            "triaged",
-            "in-progress",
-            "onleave",
-            "finished",
-            "cancelled",
-            "entered-in-error",
-            "unknown",
-        }
-    ),
-    "ServiceRequest": frozenset({"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}),
-    "ImagingStudy": frozenset({"registered", "available", "cancelled", "entered-in-error", "unknown"}),
-    "Observation": frozenset(
-        {"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"}
-    ),
-    "DiagnosticReport": frozenset(
-        {
-            "registered",
-            "partial",
-            "preliminary",
-            "final",
-            "amended",
-            "corrected",
-            "appended",
-            "cancelled",
-            "entered-in-error",
-            "unknown",
-        }
-    ),
-}
-
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-SR_CODE_SYSTEMS = frozenset(
-    {
-        LOINC,
-        SNOMED,
-        "http://hl7.org/fhir/sid/icd-9-cm",
-        "http://terminology.kemkes.go.id/CodeSystem/kptl",
-        "http://terminology.kemkes.go.id/CodeSystem/examination",
-    }
-)
-DR_CODE_SYSTEMS = frozenset({LOINC, "http://terminology.kemkes.go.id/CodeSystem/examination"})
-ORDER_DETAIL_SYSTEMS = frozenset({"http://dicom.nema.org/resources/ontology/DCM", SYS_IDS + "ae-title", SNOMED})
-V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
-OBSERVATION_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
-
-# Which identifier system each resource must carry (the org id is filled in).
-_REQUIRED_IDENTIFIER: dict[str, tuple[str, Rule]] = {
-    "Encounter": ("encounter/{org}", ENCOUNTER_IDENTIFIER),
-    "ServiceRequest": ("servicerequest/{org}", IDENTIFIER_SYSTEM),
-    "ImagingStudy": ("acsn/{org}", IS_IDENTIFIER),
-    "Observation": ("observation/{org}", IDENTIFIER_SYSTEM),
-}
-
-# Required elements per resource: (dotted path, rule). A path with [] means "in every item of that list".
-_REQUIRED: dict[str, tuple[tuple[str, Rule], ...]] = {
+# Required elements per resource: (catalogue key, path). `x[]` = in every item of x if present; `x[+]` = x must
+# have at least one item, and every item the rest of the path.
+_REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {
     "Encounter": (
-        ("status", REQUIRED_ELEMENT),
-        ("class", REQUIRED_ELEMENT),
-        ("subject", ENCOUNTER_SUBJECT),
-        ("participant[].individual", ENCOUNTER_PARTICIPANT),
-        ("location[].location", ENCOUNTER_LOCATION),
-        ("period", ENCOUNTER_PERIOD),
-        ("period.start", ENCOUNTER_PERIOD_START),
-        ("statusHistory", ENCOUNTER_STATUS_HISTORY),
-        ("serviceProvider", ENCOUNTER_SERVICE_PROVIDER),
+        ("encounter.subject", "subject"),
+        ("encounter.participant", "participant[+].individual"),
+        ("encounter.location", "location[].location"),
+        ("encounter.period", "period"),
+        ("encounter.period.start", "period.start"),
+        ("encounter.statusHistory", "statusHistory"),
+        ("encounter.serviceProvider", "serviceProvider"),
     ),
     "ServiceRequest": (
-        ("status", REQUIRED_ELEMENT),
-        ("intent", REQUIRED_ELEMENT),
-        ("code", REQUIRED_ELEMENT),
-        ("subject", REQUIRED_ELEMENT),
-        ("encounter", SR_ENCOUNTER),
-        ("requester", SR_REQUESTER),
+        ("servicerequest.status.required", "status"),
+        ("servicerequest.subject", "subject"),
+        ("servicerequest.encounter", "encounter"),
+        ("servicerequest.requester", "requester"),
+        ("servicerequest.performer", "performer"),
+        ("servicerequest.code.required", "code"),
     ),
     "ImagingStudy": (
-        ("status", IS_STATUS),
-        ("modality", IS_MODALITY),
-        ("subject", IS_SUBJECT),
-        ("basedOn", IS_BASED_ON),
+        ("imagingstudy.status", "status"),
+        ("imagingstudy.modality", "modality"),
+        ("imagingstudy.subject", "subject"),
+        ("imagingstudy.basedOn", "basedOn"),
     ),
     "Observation": (
-        ("status", REQUIRED_ELEMENT),
-        ("category", REQUIRED_ELEMENT),
-        ("code", REQUIRED_ELEMENT),
-        ("subject", REQUIRED_ELEMENT),
-        ("encounter", REQUIRED_ELEMENT),
+        ("observation.status.required", "status"),
+        ("observation.category.required", "category"),
+        ("observation.subject", "subject"),
+        ("observation.encounter", "encounter"),
     ),
     "DiagnosticReport": (
-        ("identifier", DR_IDENTIFIER_SYSTEM),
-        ("status", REQUIRED_ELEMENT),
-        ("category", DR_CATEGORY),
-        ("code", REQUIRED_ELEMENT),
-        ("subject", REQUIRED_ELEMENT),
-        ("encounter", DR_ENCOUNTER),
-        ("issued", DR_ISSUED),
-        ("performer", DR_PERFORMER),
-        ("result", DR_RESULT),
-        ("basedOn", DR_BASED_ON),
+        ("diagnosticreport.subject", "subject"),
+        ("diagnosticreport.encounter", "encounter"),
+        ("diagnosticreport.issued.required", "issued"),
+        ("diagnosticreport.result", "result"),
+        ("diagnosticreport.basedOn", "basedOn"),
     ),
 }
 
+# A Practitioner among the performers (an Organization alone does not do).
+_PRACTITIONER_PERFORMER = {"Observation": "observation.performer", "DiagnosticReport": "diagnosticreport.performer"}
 
-# --- checks ------------------------------------------------------------------------------------------------
+# Elements whose codes have their own rule (the allowed systems, when the rule restricts them).
+_CODED: dict[str, tuple[tuple[str, str, frozenset[str] | None], ...]] = {
+    "ServiceRequest": (
+        ("code", "servicerequest.code", frozenset({
+            "http://loinc.org", "http://snomed.info/sct", "http://hl7.org/fhir/sid/icd-9-cm",
+            "http://terminology.kemkes.go.id/CodeSystem/examination",
+            "http://terminology.kemkes.go.id/CodeSystem/kptl",
+        })),
+        ("bodySite[]", "servicerequest.bodySite", frozenset({"http://snomed.info/sct"})),
+        ("orderDetail[]", "servicerequest.orderDetail", frozenset({
+            "http://dicom.nema.org/resources/ontology/DCM", SYS_IDS + "ae-title", "http://snomed.info/sct",
+        })),
+    ),
+    "Observation": (
+        ("category[]", "observation.category", frozenset({
+            "http://terminology.hl7.org/CodeSystem/observation-category",
+        })),
+        ("code", "observation.code", frozenset({
+            "http://loinc.org", "http://snomed.info/sct", "http://terminology.kemkes.go.id/CodeSystem/examination",
+        })),
+        ("bodySite", "observation.bodySite", frozenset({"http://snomed.info/sct"})),
+    ),
+    "DiagnosticReport": (
+        ("code", "diagnosticreport.code", frozenset({
+            "http://loinc.org", "http://terminology.kemkes.go.id/CodeSystem/examination",
+        })),
+        ("category[]", "diagnosticreport.category", frozenset({"http://terminology.hl7.org/CodeSystem/v2-0074"})),
+        ("conclusionCode[]", "diagnosticreport.conclusionCode", frozenset({
+            "http://loinc.org", "http://snomed.info/sct",
+            "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+            "http://terminology.kemkes.go.id/CodeSystem/examination",
+        })),
+    ),
+}  # fmt: skip
+
+# Status value sets (FHIR R4) and the rule an unknown value gets (None: 'Code not found', no number).
+_STATUSES: dict[str, tuple[frozenset[str], str]] = {
+    "Encounter": (
+        frozenset({"planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled",
+                   "entered-in-error", "unknown"}),
+        "any.code.unknown",
+    ),
+    "ServiceRequest": (
+        frozenset({"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}),
+        "servicerequest.status",
+    ),
+    "ImagingStudy": (
+        frozenset({"registered", "available", "cancelled", "entered-in-error", "unknown"}),
+        "any.code.unknown",
+    ),
+    "Observation": (
+        frozenset({"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error",
+                   "unknown"}),
+        "observation.status",
+    ),
+    "DiagnosticReport": (
+        frozenset({"registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled",
+                   "entered-in-error", "unknown"}),
+        "diagnosticreport.status",
+    ),
+}  # fmt: skip
+_INTENTS = frozenset(
+    {"proposal", "plan", "directive", "order", "original-order", "reflex-order", "filler-order", "instance-order",
+     "option"}
+)  # fmt: skip
+
+# Per-element date rules; other dateTimes get the generic 'Invalid date time format'.
+_DATE_RULES = {
+    "Encounter.period.end": "encounter.period.end",
+    "ServiceRequest.occurrenceDateTime": "servicerequest.occurrenceDateTime",
+    "ServiceRequest.authoredOn": "servicerequest.authoredOn",
+    "ImagingStudy.started": "imagingstudy.started",
+    "Observation.effectiveDateTime": "observation.effectiveDateTime",
+    "Observation.issued": "observation.issued",
+    "DiagnosticReport.issued": "diagnosticreport.issued",
+    "DiagnosticReport.effectiveDateTime": "diagnosticreport.effectiveDateTime",
+}
+
+# The identifier system each resource's own identifier uses (the org id is filled in), and its rule.
+_OWN_SYSTEM = {
+    "Encounter": ("encounter/{org}", "encounter.identifier.org"),
+    "ServiceRequest": ("servicerequest/{org}", "servicerequest.identifier"),
+    "Observation": ("observation/{org}", "observation.identifier"),
+}
+_ORG_SCOPED = frozenset({"encounter", "servicerequest", "acsn", "observation", "diagnostic", "mrn"})
+
+# Whose subject must agree with whose: (element holding the reference, referenced type).
+_SUBJECT_LINKS = {
+    "ServiceRequest": (("encounter", "Encounter"),),
+    "Observation": (("encounter", "Encounter"), ("basedOn[]", "ServiceRequest")),
+    "DiagnosticReport": (("encounter", "Encounter"), ("basedOn[]", "ServiceRequest")),
+}
+
+
+# --- the entry point ---------------------------------------------------------------------------------------
+
+
+def check(resource_type: str, resource: dict[str, Any], context: Context) -> list[Violation]:
+    """Every catalogue rule the resource breaks (empty: accepted)."""
+    found = _check_required(resource_type, resource) + _check_empty_text(resource_type, resource)
+    found += _check_date_forms(resource_type, resource)
+    covered = {v.expression for v in found}
+    structure = [
+        v
+        for v in check_structure(resource_type, resource)
+        if not any(v.expression == path or v.expression.startswith(path + ".") for path in covered)
+    ]
+    if structure:  # the remaining rules assume a well-formed resource
+        return _enforced(found + structure, context)
+    found += _check_status(resource_type, resource)
+    found += _check_identifiers(resource_type, resource, context.org_id)
+    found += _check_dates(resource_type, resource, context.now, context.clock_skew_s)
+    found += _check_codes(resource_type, resource)
+    found += _check_references(resource_type, resource, context)
+    if not any(v.rule.key == NOT_FOUND.key for v in found):
+        found += _check_subjects(resource_type, resource, context)
+    return _enforced(found, context)
+
+
+def _enforced(found: list[Violation], context: Context) -> list[Violation]:
+    return [v for v in found if v.rule.enforced(context.strict_undocumented)]
 
 
 def check_structure(resource_type: str, resource: dict[str, Any]) -> list[Violation]:
@@ -237,48 +258,30 @@ def check_structure(resource_type: str, resource: dict[str, Any]) -> list[Violat
         violations = []
         for item in error.errors():
             path = _fhirpath(resource_type, item["loc"])
-            detail = f"{path}: {item['msg']}"
-            violations.append(Violation(NOT_FHIR, path, NOT_FHIR.text.format(detail=detail)))
+            violations.append(violation("request.not_fhir", path, detail=f"{path}: {item['msg']}"))
         return violations
     return []
 
 
-def check_rules(
-    resource_type: str, resource: dict[str, Any], org_id: str, now: dt.datetime, clock_skew_s: float
-) -> list[Violation]:
-    """SATUSEHAT's business rules that fhir.resources knows nothing of (no I/O: references are checked apart)."""
-    violations: list[Violation] = []
-    violations += _check_required(resource_type, resource)
-    violations += _check_status(resource_type, resource)
-    violations += _check_identifiers(resource_type, resource, org_id)
-    violations += _check_dates(resource_type, resource, now, clock_skew_s)
-    violations += _check_codes(resource_type, resource)
-    violations += _check_organizations(resource_type, resource, org_id)
-    return violations
-
-
-def local_references(resource_type: str, resource: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
-    """(path, referenced type, id) for every reference to a resource kind this platform stores."""
-    for path, value in _walk(resource, resource_type):
-        if path.endswith(".reference") and isinstance(value, str) and "/" in value:
-            kind, _, ident = value.partition("/")
-            if kind in REFERENCEABLE_TYPES:
-                yield path, kind, ident
+# --- required elements -------------------------------------------------------------------------------------
 
 
 def _check_required(resource_type: str, resource: dict[str, Any]) -> list[Violation]:
-    violations = []
-    for path, rule in _REQUIRED.get(resource_type, ()):
-        for where in _missing(resource, path.split("."), resource_type):
-            text = rule.text.format(path=where) if "{path}" in rule.text else rule.text
-            violations.append(Violation(rule, where, text))
+    found = []
+    for key, path in _REQUIRED.get(resource_type, ()):
+        found += [violation(key, where) for where in _missing(resource, path.split("."), resource_type)]
     if resource_type == "Encounter" and resource.get("status") == "finished":
         period = resource.get("period") or {}
-        if not period.get("end"):
-            violations.append(Violation(ENCOUNTER_PERIOD, "Encounter.period.end", ENCOUNTER_PERIOD.text))
-    if resource_type == "DiagnosticReport" and not resource.get("conclusion") and not resource.get("conclusionCode"):
-        violations.append(Violation(DR_CONCLUSION, "DiagnosticReport.conclusion", DR_CONCLUSION.text))
-    return violations
+        if isinstance(period, dict) and period.get("start") and not period.get("end"):
+            found.append(violation("encounter.period.finished", "Encounter.period.end"))
+    performer_rule = _PRACTITIONER_PERFORMER.get(resource_type)
+    if performer_rule is not None:
+        performers = resource.get("performer") or []
+        items = performers if isinstance(performers, list) else []
+        references = [p.get("reference") for p in items if isinstance(p, dict)]
+        if not any(isinstance(r, str) and r.startswith("Practitioner/") for r in references):
+            found.append(violation(performer_rule, f"{resource_type}.performer"))
+    return found
 
 
 def _missing(node: Any, parts: list[str], where: str) -> Iterator[str]:
@@ -286,73 +289,102 @@ def _missing(node: Any, parts: list[str], where: str) -> Iterator[str]:
     if not parts:
         return
     head, rest = parts[0], parts[1:]
-    in_every_item = head.endswith("[]")
-    key = head.removesuffix("[]")
+    per_item, at_least_one = head.endswith("[]"), head.endswith("[+]")
+    key = head.removesuffix("[]").removesuffix("[+]")
     value = node.get(key) if isinstance(node, dict) else None
-    if in_every_item:
-        for index, item in enumerate(value or []):  # an absent list is fine: the rule is per item
+    if per_item or at_least_one:
+        if at_least_one and not value:
+            yield f"{where}.{key}"
+            return
+        for index, item in enumerate(value if isinstance(value, list) else []):
             yield from _missing(item, rest, f"{where}.{key}[{index}]")
         return
-    if value in (None, "", [], {}):
+    if value in (None, [], {}):
         yield f"{where}.{key}"
         return
     yield from _missing(value, rest, f"{where}.{key}")
 
 
-def _check_status(resource_type: str, resource: dict[str, Any]) -> list[Violation]:
-    status = resource.get("status")
-    allowed = STATUSES.get(resource_type)
-    if status is None or allowed is None or status in allowed:
-        return []
-    path = f"{resource_type}.status"
+def _check_empty_text(resource_type: str, resource: dict[str, Any]) -> list[Violation]:
+    """A string element sent empty (or only whitespace): 'Text is empty'."""
     return [
-        Violation(INVALID_STATUS, path, INVALID_STATUS.text.format(path=path, value=status, resource=resource_type))
+        violation("any.text.empty", path)
+        for path, value in _walk(resource, resource_type)
+        if isinstance(value, str) and not value.strip()
     ]
 
 
+# --- statuses, identifiers, dates, codes ---------------------------------------------------------------------
+
+
+def _check_status(resource_type: str, resource: dict[str, Any]) -> list[Violation]:
+    found = []
+    status = resource.get("status")
+    allowed, key = _STATUSES.get(resource_type, (None, ""))
+    if allowed is not None and isinstance(status, str) and status not in allowed:
+        found.append(violation(key, f"{resource_type}.status", detail=f"status '{status}'"))
+    intent = resource.get("intent")
+    if resource_type == "ServiceRequest" and isinstance(intent, str) and intent not in _INTENTS:
+        found.append(violation("servicerequest.intent", "ServiceRequest.intent", detail=f"intent '{intent}'"))
+    return found
+
+
 def _check_identifiers(resource_type: str, resource: dict[str, Any], org_id: str) -> list[Violation]:
-    violations = []
-    identifiers = resource.get("identifier") or []
+    found = []
+    identifiers = [i for i in resource.get("identifier") or [] if isinstance(i, dict)]
+    systems = {i.get("system") for i in identifiers}
+    wrong_org_key = _OWN_SYSTEM.get(resource_type, ("", "encounter.identifier.org"))[1]
+    if resource_type == "DiagnosticReport":
+        wrong_org_key = "diagnosticreport.identifier"
     for index, ident in enumerate(identifiers):
-        system = ident.get("system", "") if isinstance(ident, dict) else ""
+        system = ident.get("system") or ""
         if not system.startswith(SYS_IDS):
             continue
         segments = system.removeprefix(SYS_IDS).split("/")
-        if segments[0] in {"encounter", "servicerequest", "acsn", "observation", "diagnostic", "mrn"} and (
-            len(segments) < 2 or segments[1] != org_id
-        ):
-            path = f"{resource_type}.identifier[{index}].system"
-            violations.append(Violation(WRONG_ORG, path, WRONG_ORG.text.format(system=system)))
-    systems = {ident.get("system") for ident in identifiers if isinstance(ident, dict)}
-    required = _REQUIRED_IDENTIFIER.get(resource_type)
-    if required is not None:
-        pattern, rule = required
-        system = SYS_IDS + pattern.format(org=org_id)
-        if system not in systems:
-            text = rule.text.format(org=org_id, resource=resource_type, system=system)
-            violations.append(Violation(rule, f"{resource_type}.identifier", text))
-    if resource_type == "DiagnosticReport" and identifiers:
-        allowed = {SYS_IDS + f"diagnostic/{org_id}/rad", SYS_IDS + f"diagnostic/{org_id}/lab"}
-        if not systems & allowed:
-            violations.append(Violation(DR_IDENTIFIER_SYSTEM, "DiagnosticReport.identifier", DR_IDENTIFIER_SYSTEM.text))
-    return violations
+        if segments[0] in _ORG_SCOPED and (len(segments) < 2 or segments[1] != org_id):
+            found.append(
+                violation(wrong_org_key, f"{resource_type}.identifier[{index}].system", system=system, org=org_id)
+            )
+    own = lambda pattern: SYS_IDS + pattern.format(org=org_id)  # noqa: E731
+    if resource_type == "Encounter" and own("encounter/{org}") not in systems:
+        found.append(violation("encounter.identifier", "Encounter.identifier"))
+    if resource_type == "ImagingStudy" and own("acsn/{org}") not in systems:
+        found.append(violation("imagingstudy.identifier", "ImagingStudy.identifier"))
+    if resource_type == "ServiceRequest" and own("servicerequest/{org}") not in systems:
+        found.append(violation("servicerequest.identifier.own", "ServiceRequest.identifier", org=org_id))
+    if resource_type == "DiagnosticReport" and not systems & {own("diagnostic/{org}/rad"), own("diagnostic/{org}/lab")}:
+        found.append(violation("diagnosticreport.identifier", "DiagnosticReport.identifier", org=org_id))
+    return found
+
+
+def _dates(resource_type: str, resource: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    for path, value in _walk(resource, resource_type):
+        key = path.rsplit(".", 1)[-1]
+        if key in _DATE_KEYS and isinstance(value, str) and ".meta." not in path and value.strip():
+            yield path, value
+
+
+def _check_date_forms(resource_type: str, resource: dict[str, Any]) -> list[Violation]:
+    """Before the structure check: a malformed date gets the platform's date rule, not 'Failed to unmarshal'."""
+    found = []
+    for path, value in _dates(resource_type, resource):
+        if not _DATETIME_FORM.match(value):
+            row = _DATE_RULES.get(re.sub(r"\[\d+\]", "", path), "any.datetime.format")
+            found.append(violation(row, path, path=path, value=value))
+    return found
 
 
 def _check_dates(resource_type: str, resource: dict[str, Any], now: dt.datetime, skew_s: float) -> list[Violation]:
-    violations = []
+    found = []
     latest = now + dt.timedelta(seconds=skew_s)
-    for path, value in _walk(resource, resource_type):
-        key = path.rsplit(".", 1)[-1]
-        if key not in _DATE_KEYS or not isinstance(value, str) or ".meta." in path:
-            continue
+    for path, value in _dates(resource_type, resource):
         if not _DATETIME_FORM.match(value):
-            violations.append(Violation(DATETIME_FORM, path, DATETIME_FORM.text.format(path=path, value=value)))
-            continue
+            continue  # refused by _check_date_forms
         earliest_moment, latest_moment = _bounds(value)
         if latest_moment.date() < EARLIEST_DATE:
-            violations.append(Violation(DATE_TOO_EARLY, path, DATE_TOO_EARLY.text.format(path=path)))
+            found.append(violation("any.datetime.early", path, path=path))
         elif earliest_moment > latest:
-            violations.append(Violation(DATE_IN_FUTURE, path, DATE_IN_FUTURE.text.format(path=path)))
+            found.append(violation("any.datetime.future", path, path=path))
     for path, period in _periods(resource, resource_type):
         start, end = period.get("start"), period.get("end")
         if not (isinstance(start, str) and isinstance(end, str)):
@@ -360,9 +392,11 @@ def _check_dates(resource_type: str, resource: dict[str, Any], now: dt.datetime,
         if not (_DATETIME_FORM.match(start) and _DATETIME_FORM.match(end)):
             continue
         if _bounds(end)[1] <= _bounds(start)[0]:
-            rule = ENCOUNTER_PERIOD_ORDER if path == "Encounter.period" else PERIOD_ORDER
-            violations.append(Violation(rule, f"{path}.end", rule.text.format(path=path)))
-    return violations
+            if path == "Encounter.period":
+                found.append(violation("encounter.period.end", f"{path}.end", value=end))
+            else:
+                found.append(violation("any.period.order", f"{path}.end", path=path))
+    return found
 
 
 def _bounds(value: str) -> tuple[dt.datetime, dt.datetime]:
@@ -390,41 +424,94 @@ def _periods(resource: dict[str, Any], resource_type: str) -> Iterator[tuple[str
 
 
 def _check_codes(resource_type: str, resource: dict[str, Any]) -> list[Violation]:
-    violations = []
-
-    def systems(concept: Any) -> set[str]:
-        return {c.get("system", "") for c in (concept or {}).get("coding", []) if isinstance(c, dict)}
-
-    if resource_type == "ServiceRequest":
-        code_systems = systems(resource.get("code"))
-        if code_systems and not code_systems & SR_CODE_SYSTEMS:
-            violations.append(Violation(SR_CODE_SYSTEM, "ServiceRequest.code.coding", SR_CODE_SYSTEM.text))
-        for index, detail in enumerate(resource.get("orderDetail") or []):
-            if systems(detail) - ORDER_DETAIL_SYSTEMS:
-                path = f"ServiceRequest.orderDetail[{index}].coding"
-                violations.append(Violation(SR_ORDER_DETAIL_SYSTEM, path, SR_ORDER_DETAIL_SYSTEM.text))
-    if resource_type == "DiagnosticReport":
-        code_systems = systems(resource.get("code"))
-        if code_systems and not code_systems & DR_CODE_SYSTEMS:
-            violations.append(Violation(DR_CODE_SYSTEM, "DiagnosticReport.code.coding", DR_CODE_SYSTEM.text))
-        categories = resource.get("category") or []
-        if categories and not any(V2_0074 in systems(c) for c in categories):
-            violations.append(Violation(DR_CATEGORY, "DiagnosticReport.category", DR_CATEGORY.text))
-    if resource_type == "Observation":
-        categories = resource.get("category") or []
-        if categories and not any(OBSERVATION_CATEGORY_SYSTEM in systems(c) for c in categories):
-            violations.append(Violation(OBSERVATION_CATEGORY, "Observation.category", OBSERVATION_CATEGORY.text))
-    return violations
-
-
-def _check_organizations(resource_type: str, resource: dict[str, Any], org_id: str) -> list[Violation]:
-    violations = []
+    """Per-element code-system rules, then every coding of a checked system must carry a known code."""
+    found = []
+    ruled: dict[str, str] = {}  # coding path -> the element rule that covers it
+    for element, key, allowed in _CODED.get(resource_type, ()):
+        for where, concept in _concepts(resource, element, resource_type):
+            codings = [c for c in (concept or {}).get("coding", []) if isinstance(c, dict)]
+            for index, _coding in enumerate(codings):
+                ruled[f"{where}.coding[{index}]"] = key
+            used = {c.get("system") for c in codings}
+            if allowed is not None and codings and not used & allowed:
+                found.append(violation(key, f"{where}.coding", detail=f"system {', '.join(sorted(map(str, used)))}"))
     for path, value in _walk(resource, resource_type):
-        is_organization = isinstance(value, str) and value.startswith("Organization/")
-        if path.endswith(".reference") and is_organization and value != f"Organization/{org_id}":
-            text = FOREIGN_ORGANIZATION.text.format(reference=value)
-            violations.append(Violation(FOREIGN_ORGANIZATION, path, text))
-    return violations
+        if not (isinstance(value, dict) and isinstance(value.get("system"), str) and "code" in value):
+            continue
+        system, code = value["system"], value.get("code")
+        if terminology.is_checked(system) and not (isinstance(code, str) and terminology.knows(system, code)):
+            key = ruled.get(path, "any.code.unknown")
+            found.append(violation(key, f"{path}.code", detail=f"{system}|{code}"))
+    return found
+
+
+def _concepts(resource: dict[str, Any], element: str, where: str) -> Iterator[tuple[str, Any]]:
+    key = element.removesuffix("[]")
+    value = resource.get(key)
+    if element.endswith("[]"):
+        for index, item in enumerate(value if isinstance(value, list) else []):
+            yield f"{where}.{key}[{index}]", item
+    elif isinstance(value, dict):
+        yield f"{where}.{key}", value
+
+
+# --- references ----------------------------------------------------------------------------------------------
+
+
+def _check_references(resource_type: str, resource: dict[str, Any], context: Context) -> list[Violation]:
+    """Every reference names something that exists: the registry's people/places/orgs, the store's resources."""
+    found = []
+    for path, value in _walk(resource, resource_type):
+        if not path.endswith(".reference") or not isinstance(value, str):
+            continue
+        if ".contained[" in path or value.startswith(("#", "urn:uuid:")):
+            continue  # contained and Bundle-internal references are resolved elsewhere (or not at all here)
+        match = _REFERENCE.match(value)
+        kind, ident = (match.group(1), match.group(2)) if match else ("", "")
+        if kind == "Organization" and match and ident != context.org_id:
+            found.append(violation("any.reference.foreign_org", path, reference=value))
+        elif not _resolves(kind, ident, context):
+            found.append(violation("any.reference.not_found", path, reference=value))
+    return found
+
+
+def _resolves(kind: str, ident: str, context: Context) -> bool:
+    if kind in REGISTRY_KINDS:
+        return context.registry.has(kind, ident)
+    return kind in REFERENCEABLE_TYPES and context.read(kind, ident) is not None
+
+
+def _check_subjects(resource_type: str, resource: dict[str, Any], context: Context) -> list[Violation]:
+    """The subject agrees with the subject of the Encounter / ServiceRequest the resource is part of."""
+    subject = (resource.get("subject") or {}).get("reference")
+    if not isinstance(subject, str):
+        return []
+    found = []
+    for element, kind in _SUBJECT_LINKS.get(resource_type, ()):
+        key = element.removesuffix("[]")
+        links = resource.get(key)
+        for link in links if isinstance(links, list) else [links]:
+            reference = (link or {}).get("reference") if isinstance(link, dict) else None
+            match = _REFERENCE.match(reference) if isinstance(reference, str) else None
+            if not match or match.group(1) != kind:
+                continue
+            other = context.read(kind, match.group(2))
+            other_subject = ((other or {}).get("subject") or {}).get("reference")
+            if isinstance(other_subject, str) and other_subject != subject:
+                found.append(
+                    violation(
+                        "any.subject.mismatch",
+                        f"{resource_type}.subject",
+                        path=f"{resource_type}.subject",
+                        subject=subject,
+                        other=reference,
+                        other_subject=other_subject,
+                    )
+                )
+    return found
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
 
 
 def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
@@ -437,6 +524,7 @@ def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
     elif isinstance(node, list):
         for index, value in enumerate(node):
             child = f"{path}[{index}]"
+            yield child, value
             yield from _walk(value, child)
 
 

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,15 +130,30 @@ class Store:
 
     def find_by_identifier(self, resource_type: str, system: str | None, value: str) -> list[dict[str, Any]]:
         """Resources of a type carrying the identifier, newest first. system None matches any system."""
+        return self.find_by_identifiers(resource_type, [(system, value)])
+
+    def find_by_identifiers(
+        self, resource_type: str, identifiers: Sequence[tuple[str | None, str]]
+    ) -> list[dict[str, Any]]:
+        """Resources carrying any of the (system, value) identifiers (system None: any), newest first, once each.
+
+        One query, so an OR search (`identifier=sys|A,B`) keeps the store's exact newest-first order.
+        """
+        if not identifiers:
+            return []
+        conditions: list[str] = []
+        args: list[Any] = [resource_type]
+        for system, value in identifiers:
+            if system is None:
+                conditions.append("i.value = ?")
+                args.append(value)
+            else:
+                conditions.append("(i.system = ? AND i.value = ?)")
+                args.extend((system, value))
         query = (
             "SELECT r.body FROM resources r JOIN identifiers i ON i.type = r.type AND i.id = r.id "
-            "WHERE r.type = ? AND i.value = ?"
+            f"WHERE r.type = ? AND ({' OR '.join(conditions)}) GROUP BY r.seq ORDER BY r.seq DESC"
         )
-        args: list[Any] = [resource_type, value]
-        if system is not None:
-            query += " AND i.system = ?"
-            args.append(system)
-        query += " GROUP BY r.seq ORDER BY r.seq DESC"
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         return [json.loads(row[0]) for row in rows]

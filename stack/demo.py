@@ -83,8 +83,10 @@ class Demo:
             shutil.rmtree(self.state_dir)
         self.state_dir.mkdir(parents=True)
         with self._step("SATUSEHAT simulator (FHIR R4 + DICOM Router)"):
+            registry = self.state_dir / "registry.json"
+            registry.write_text(json.dumps(DEMO_REGISTRY))
             self.simulator = start_simulator(
-                SimulatorConfig(admin_enabled=True, db_path=self.state_dir / "satusehat.db")
+                SimulatorConfig(admin_enabled=True, db_path=self.state_dir / "satusehat.db", registry_files=(registry,))
             )
             self._stack.callback(self.simulator.stop)
         with self._step("Orthanc (the PACS, DICOMweb)"):
@@ -267,16 +269,26 @@ class Demo:
 DEMO_EXAM_CODE = "25045-6"
 """LOINC 'CT unspecified body region': the demo's synthetic CT study names no body region."""
 
+DEMO_PATIENT, DEMO_REFERRER, DEMO_RADIOLOGIST = "P10443013727", "10016869420", "10000504193"
+DEMO_REGISTRY = {
+    "Patient": [{"id": DEMO_PATIENT, "nik": "9900000000000001", "name": "Pasien Sintetis Satu"}],
+    "Practitioner": [
+        {"id": DEMO_REFERRER, "nik": "9900000000000101", "name": "Dokter Sintetis Pengirim"},
+        {"id": DEMO_RADIOLOGIST, "nik": "9900000000000102", "name": "Dokter Sintetis Radiologi"},
+    ],
+}
+"""The synthetic people the demo's orders name, registered in the simulator (it resolves every reference)."""
+
 
 def _order_payload(spec: StudySpec) -> dict[str, Any]:
     """The existing gateway's batch4 example, for the generated study."""
     return {
         "identifier_value": "RG" + spec.accession_number,
-        "subject_id": "P10443013727",
-        "individual_id": "10016869420",
+        "subject_id": DEMO_PATIENT,
+        "individual_id": DEMO_REFERRER,
         "period_start": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 3600)),
         "noacsn": spec.accession_number,
-        "performer_id": "10000504193",
+        "performer_id": DEMO_RADIOLOGIST,
         "performer_value": "Tidak tampak kelainan",
         "conclusion_text": "Tidak tampak bercak pada kedua lapangan paru",
         "study": spec.study_instance_uid,

@@ -46,6 +46,7 @@ from models.inputs import (
 )
 from models.timeutil import utc_now
 from tasks import runtime
+from tasks.events import HalfwayAlarm
 from tasks.retry import FHIR_RETRIES, FHIR_RETRY_DELAYS_S, JITTER, honour_retry_after, retry_when_retryable
 
 T = TypeVar("T")
@@ -141,6 +142,8 @@ async def _create_or_revise(resource: dict[str, Any]) -> dict[str, Any]:
     system, _ = fhir.lookup_identifier(resource, settings.ss_org_id)
     outcome = await call(runtime.satusehat().create_or_revise, resource, system)
     posted: dict[str, Any] = {"id": outcome.id, "action": outcome.action}
+    if not outcome.changed:  # the run's Logs tab says what each step did; ids only, never clinical values
+        _logger().info("%s/%s %s", outcome.resource_type, outcome.id, outcome.action)
     if outcome.changed:
         posted.update(changed=list(outcome.changed), previous_version=outcome.previous_version)
         _logger().info(
@@ -247,23 +250,39 @@ async def find_imaging_study(accession_number: str) -> dict[str, Any] | None:
     return _imaging_summary(found[0]) if found else None
 
 
+class ImagingStudyAbsent(ImagingStudyNotReady):
+    """At the deadline the platform had no ImagingStudy of the study at all: the router may still be building
+    the first (a re-send now would make a second), or it dropped the study."""
+
+
 @task(name="wait-for-imaging-study", retries=0)
 async def wait_for_imaging_study(
-    accession_number: str, expected_instances: int, deadline_s: float, study_instance_uid: str | None = None
+    accession_number: str,
+    expected_instances: int,
+    deadline_s: float,
+    study_instance_uid: str | None = None,
+    accept_incomplete: bool = False,
 ) -> dict[str, Any]:
-    """Poll until the router's ImagingStudy for the ACSN lists every instance sent; raise ImagingStudyNotReady.
+    """Poll until the router's ImagingStudy for the ACSN lists every instance sent; raise ImagingStudyNotReady,
+    or ImagingStudyAbsent when there was none of the study at all.
 
     The router builds it only after the association's release, asynchronously: an empty search is "not yet",
     not an error, and so is a platform hiccup while polling. The polling is this task's own retry loop.
     With `study_instance_uid` (batch4 knows what it sent), an ImagingStudy the router built earlier for the same
     ACSN from another study (a study corrected at the modality, sent again) is "not yet" too, not the answer.
+
+    Every ImagingStudy of the ACSN and study is looked at, not the newest only: a router slower than a re-send
+    makes two (`choose_imaging_study`). The answer is {id, series, instances, duplicates}, `duplicates` being
+    the ids of the others. `accept_incomplete` returns the first one seen even if it lists fewer instances (the
+    router has finished a build: a re-send then replaces it instead of making a second).
     """
     client = runtime.satusehat()
     system = _acsn_system()
     delay = IMAGING_STUDY_POLL_FIRST_S
     deadline = time.monotonic() + deadline_s
-    last: dict[str, Any] | None = None
+    seen_any = False
     last_problem = "no ImagingStudy yet"
+    halfway = HalfwayAlarm(accession_number, deadline_s)  # an alert (satset alerts) past half the wait
     while True:
         try:
             found = await in_thread(client.find_by_identifier, "ImagingStudy", system, accession_number)
@@ -275,17 +294,29 @@ async def wait_for_imaging_study(
         if found and not ours:
             last_problem = f"the ImagingStudy for the ACSN is of another study, not {study_instance_uid}"
         if ours:
-            last = _imaging_summary(ours[0])
-            if last["instances"] >= expected_instances:
-                return last
-            last_problem = f"the ImagingStudy lists {last['instances']} of {expected_instances} instances sent"
+            seen_any = True
+            chosen = choose_imaging_study([_imaging_summary(resource) for resource in ours], expected_instances)
+            if chosen["instances"] >= expected_instances or accept_incomplete:
+                return chosen
+            last_problem = f"the ImagingStudy lists {chosen['instances']} of {expected_instances} instances sent"
+        halfway.check(last_problem)
         if time.monotonic() + delay > deadline:
             break
         await asyncio.sleep(delay)
         delay = min(delay * 2, IMAGING_STUDY_POLL_MAX_S)
-    raise ImagingStudyNotReady(
-        f"no complete ImagingStudy for ACSN {accession_number} after {deadline_s:.0f} s: {last_problem}"
+    error = ImagingStudyNotReady if seen_any else ImagingStudyAbsent
+    raise error(f"no complete ImagingStudy for ACSN {accession_number} after {deadline_s:.0f} s: {last_problem}")
+
+
+def choose_imaging_study(summaries: list[dict[str, Any]], expected_instances: int) -> dict[str, Any]:
+    """Of several ImagingStudies of one study (newest first, as searched), the one to link: the most instances,
+    and of equals the oldest, the one the first send made (a later duplicate may list the instances while the
+    platform holds their images under the first). The others' ids go in `duplicates`."""
+    ranked = sorted(
+        enumerate(summaries), key=lambda item: (min(item[1]["instances"], expected_instances), item[0]), reverse=True
     )
+    chosen = ranked[0][1]
+    return {**chosen, "duplicates": [summary["id"] for summary in summaries if summary["id"] != chosen["id"]]}
 
 
 def _of_study(resource: dict[str, Any], study_instance_uid: str | None) -> bool:

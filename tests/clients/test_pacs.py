@@ -26,6 +26,7 @@ from clients.pacs import InstanceRef, PacsClient, RetrievePer, StudyRef, _PartCu
 from models.settings import Settings
 from stack.orthanc import OrthancServer
 from stack.ports import LOOPBACK
+from stack.studies import StudySpec, iter_instances
 from tests.plugins.pacs import ORTHANC_PASSWORD, ORTHANC_USER, UploadStudy, require_orthanc, unique_accession
 
 pytestmark = pytest.mark.integration
@@ -151,6 +152,33 @@ def test_list_instances_of_an_unknown_study_is_study_not_found(pacs: PacsClient)
 
 
 # -- iter_instances ------------------------------------------------------------------------------------------------
+
+
+def test_study_metadata_gives_every_instances_preflight_elements_as_text(
+    pacs: PacsClient, orthanc: OrthancServer
+) -> None:
+    spec = StudySpec(series=1, instances_per_series=3, accession_number=unique_accession())
+    instances = list(iter_instances(spec))
+    instances[0].InstanceNumber = -3
+    del instances[1].InstanceNumber
+    instances[2].StudyTime = ""
+    answers = orthanc.upload(instances)
+    try:
+        metadata = {values["SOPInstanceUID"]: values for values in pacs.study_metadata(spec.study_instance_uid)}
+    finally:
+        orthanc.delete_study(answers[0]["ParentStudy"])
+
+    first, second, third = (metadata[str(ds.SOPInstanceUID)] for ds in instances)
+    assert first["InstanceNumber"] == "-3"
+    assert "InstanceNumber" not in second, "absent stays absent"
+    assert third["StudyTime"] == "", "present without a value is empty"
+    assert (first["Modality"], first["SeriesNumber"], first["StudyTime"]) == ("CT", "1", "120000")
+    assert first["SOPClassUID"] == CT_IMAGE_STORAGE and first["StudyInstanceUID"] == spec.study_instance_uid
+
+
+def test_study_metadata_of_an_unknown_study_is_study_not_found(pacs: PacsClient) -> None:
+    with pytest.raises(StudyNotFound):
+        pacs.study_metadata("1.2.3.4.5.6.7.8.9.10")
 
 
 def test_iter_instances_yields_every_instance_with_its_pixel_data(

@@ -93,7 +93,7 @@ async def test_study_not_in_the_pacs_stops_before_anything_is_created(gateway: G
     assert gateway.counts() == {}
 
 
-async def test_router_refusing_the_ae_title_fails_fast_and_keeps_what_was_made(
+async def test_router_refusing_the_ae_title_fails_fast_before_anything_is_made(
     gateway: Gateway, upload_study: UploadStudy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     body = batch4_input(upload_study(series=1, instances_per_series=2))
@@ -104,14 +104,12 @@ async def test_router_refusing_the_ae_title_fails_fast_and_keeps_what_was_made(
         await batch4(Batch4Input.model_validate(body))
 
     message = str(failed.value)
-    assert failed.value.step == "dicom_process" and "NOTTHEROUTER" in message
+    assert failed.value.step == "router_echo" and "NOTTHEROUTER" in message and "ROUTER_AET" in message
     assert "fix the input" in message  # a refusal is not retried
-    made = failed.value.created
-    assert set(made) == {"encounter_id", "service_request_id"} and made["encounter_id"] in message
+    assert failed.value.created == {} and gateway.counts() == {}  # the C-ECHO comes before the Encounter
     monkeypatch.setenv("ROUTER_AET", gateway.env["ROUTER_AET"])
     runtime.reset()
-    result = await batch4(Batch4Input.model_validate(body))
-    assert (result["encounter_id"], result["service_request_id"]) == (made["encounter_id"], made["service_request_id"])
+    await batch4(Batch4Input.model_validate(body))
     assert gateway.counts() == dict.fromkeys(
         ("Encounter", "ServiceRequest", "ImagingStudy", "Observation", "DiagnosticReport"), 1
     )

@@ -88,6 +88,7 @@ async def test_imaging_study_step_fails_then_rerun_completes_with_one_of_each(
 ) -> None:
     body = batch4_input(upload_study(series=2, instances_per_series=2))
     monkeypatch.setenv("IMAGING_STUDY_DEADLINE_S", "1.5")
+    monkeypatch.setenv("IMAGING_STUDY_RESEND_GRACE_S", "1")  # no search answered: the grace before a re-send
     runtime.reset()
     gateway.arm(kind="500", count=None, path_prefix="/fhir-r4/v1/ImagingStudy", method="GET")
 

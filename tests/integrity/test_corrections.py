@@ -12,6 +12,7 @@ from prefect.client.orchestration import get_client
 from flows.batches import batch1, batch4
 from models.inputs import Batch1Input, Batch4Input
 from tasks.artifacts import artifact_key
+from tests.integrity.links import record
 from tests.integrity.test_wrong_patient import batch1_body
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadStudy
@@ -36,6 +37,7 @@ async def test_an_identical_resend_changes_nothing(gateway: Gateway, upload_stud
 
     assert again == first and "revised" not in again
     assert {kind: r["meta"]["versionId"] for kind in versions for r in gateway.resources(kind)} == versions
+    record(gateway.simulator.running.platform.store, "batch4 sent twice, identical", orders=2, done=2, failed="0")
 
 
 async def test_a_corrected_reading_and_conclusion_amend_the_filed_resources(
@@ -81,6 +83,13 @@ async def test_a_corrected_reading_and_conclusion_amend_the_filed_resources(
     # The correction sent again: no further PUT, and the same answer as the first time (an idempotent replay).
     resent = await batch4(Batch4Input.model_validate(corrected))
     assert resent == result
+    record(
+        store,
+        "batch4 re-sent with a corrected reading and conclusion (PUT, amended), then again",
+        orders=3,
+        done=3,
+        failed="0",
+    )
     assert store.read("Observation", first["observation_id"])["meta"] == reading["meta"]
 
 
@@ -100,6 +109,7 @@ async def test_a_changed_exam_code_updates_the_order_reading_and_report(
         codes = [coding["code"] for coding in store.read(kind, first[key])["code"]["coding"]]
         assert "30746-2" in codes, kind
     assert store.read("ServiceRequest", first["service_request_id"])["status"] == "active"  # an order, not a result
+    record(store, "batch4 re-sent with another exam code (PUT of order, reading, report)", orders=2, done=2, failed="0")
 
 
 async def test_a_changed_visit_detail_updates_the_encounter(gateway: Gateway) -> None:
@@ -115,3 +125,10 @@ async def test_a_changed_visit_detail_updates_the_encounter(gateway: Gateway) ->
     (encounter,) = gateway.resources("Encounter")
     assert encounter["participant"][0]["individual"]["reference"] == "Practitioner/10000504193"
     assert encounter["meta"]["versionId"] != revision["previous_version"]
+    record(
+        gateway.simulator.running.platform.store,
+        "batch1 re-sent with another practitioner (PUT Encounter)",
+        orders=2,
+        done=2,
+        failed="0",
+    )

@@ -29,6 +29,7 @@ from models.settings import RisSettings, load_settings
 from tasks import runtime
 from tasks.ris import reset_stores
 from tests.api.conftest import API_KEY, api_settings
+from tests.integrity.links import record
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadStudy, unique_accession
 from tests.plugins.simulator import ORG_ID
@@ -94,6 +95,13 @@ async def test_batch1_with_a_reused_visit_number_for_another_patient_is_refused(
     (order,) = gateway.resources("ServiceRequest")  # the second order's was never made
     assert order["subject"]["reference"] == f"Patient/{FIRST_PATIENT}"
     assert len(gateway.resources("Encounter")) == 1
+    record(
+        gateway.simulator.running.platform.store,
+        f"batch1 reusing another patient's visit number (task cache {'warm' if warm else 'cold'})",
+        orders=2,
+        done=1,
+        failed="1 refused: encounter: 409, the identifier belongs to another patient's Encounter",
+    )
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["cache-warm", "cache-cold"])
@@ -110,6 +118,13 @@ async def test_batch1_with_a_reused_acsn_for_another_patient_is_refused(gateway:
     assert set(failed.value.created) == {"encounter_id"}  # the second patient's own visit, nothing else
     (order,) = gateway.resources("ServiceRequest")
     assert order["subject"]["reference"] == f"Patient/{FIRST_PATIENT}"
+    record(
+        gateway.simulator.running.platform.store,
+        f"batch1 reusing another patient's ACSN (task cache {'warm' if warm else 'cold'})",
+        orders=2,
+        done=1,
+        failed="1 refused: service_request: 409, the identifier belongs to another patient's ServiceRequest",
+    )
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["cache-warm", "cache-cold"])
@@ -128,6 +143,13 @@ async def test_an_acsn_of_another_visit_of_the_same_patient_is_not_adopted(gatew
     )
     (order,) = gateway.resources("ServiceRequest")
     assert order["encounter"]["reference"] == f"Encounter/{created['encounter_id']}"
+    record(
+        gateway.simulator.running.platform.store,
+        f"batch1 of a new visit reusing the same patient's ACSN (task cache {'warm' if warm else 'cold'})",
+        orders=2,
+        done=1,
+        failed="1 refused: service_request: 409, the identifier belongs to another visit's ServiceRequest",
+    )
 
 
 async def test_batch4_with_an_acsn_reused_for_another_patient_sends_nothing_and_files_nothing(
@@ -153,6 +175,13 @@ async def test_batch4_with_an_acsn_reused_for_another_patient_sends_nothing_and_
     assert len(store.events(["router.received"])) == sent_before  # the second study never went to the router
     assert store.read("ImagingStudy", done["imaging_study_id"]) == imaging_before
     assert len(gateway.resources("Observation")) == 1 and len(gateway.resources("DiagnosticReport")) == 1
+    record(
+        store,
+        "batch4 reusing another patient's ACSN with another study",
+        orders=2,
+        done=1,
+        failed="1 refused: service_request: 409 before the study is sent; the first ImagingStudy unchanged",
+    )
 
 
 @pytest.mark.parametrize("light", [False, True], ids=["flow-mode", "light-mode"])
@@ -174,6 +203,13 @@ async def test_the_poller_makes_an_order_reusing_another_patients_acsn_dead_with
     assert "stopped at service_request" in order.last_error and "another patient" in order.last_error
     (service_request,) = gateway.resources("ServiceRequest")
     assert service_request["subject"]["reference"] == f"Patient/{FIRST_PATIENT}"
+    record(
+        gateway.simulator.running.platform.store,
+        f"RIS order reusing another patient's ACSN ({'light' if light else 'flow'} mode)",
+        orders=2,
+        done=1,
+        failed="1 dead: service_request: 409, the identifier belongs to another patient's ServiceRequest",
+    )
 
 
 async def test_the_api_never_answers_with_another_patients_observation(
@@ -200,3 +236,10 @@ async def test_the_api_never_answers_with_another_patients_observation(
     assert first["noacsn"] in other.text  # the identifier is named
     (reading,) = gateway.resources("Observation")
     assert reading["valueString"] == FIRST_READING
+    record(
+        gateway.simulator.running.platform.store,
+        "HIS API /observation for another patient under an existing ACSN",
+        orders=2,
+        done=1,
+        failed="1 refused: 409 naming the identifier; the other patient's reading not in the answer",
+    )

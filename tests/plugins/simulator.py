@@ -6,6 +6,7 @@ It listens on real sockets (127.0.0.1, free ports), so every test talks to it ex
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,23 @@ from simulator.config import SimulatorConfig
 from simulator.server import RunningSimulator, start_simulator
 
 ORG_ID = "100012345"
+TEST_REGISTRY: dict[str, list[dict[str, str]]] = {
+    "Patient": [
+        {"id": "P10443013727", "nik": "9900000000000001", "name": "Pasien Sintetis Satu"},
+        {"id": "P02478375538", "nik": "9900000000000002", "name": "Pasien Sintetis Dua"},
+        {"id": "P00000000001", "nik": "9900000000000003", "name": "Pasien Sintetis Tiga"},
+        {"id": "P00000000002", "nik": "9900000000000004", "name": "Pasien Sintetis Empat"},
+        {"id": "P00000000009", "nik": "9900000000000005", "name": "Pasien Sintetis Lima"},
+    ],
+    "Practitioner": [
+        {"id": "10016869420", "nik": "9900000000000101", "name": "Dokter Sintetis Pengirim"},
+        {"id": "10000504193", "nik": "9900000000000102", "name": "Dokter Sintetis Radiologi"},
+        {"id": "N10000001", "nik": "9900000000000103", "name": "Dokter Sandbox Dokumentasi"},
+    ],
+    "Location": [{"id": "ef011065-38c9-46f8-9c35-d1fe68966a3e", "name": "Ruang Radiologi"}],
+}
+"""The people and places the tests' orders name: the simulator resolves every reference, so they are registered
+(the simulator's synthetic seed has them too; this keeps the tests independent of that seed)."""
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "test-secret-&+=value"
 
@@ -48,8 +66,11 @@ class SimulatorSession:
 
 
 @pytest.fixture(scope="session")
-def simulator_process() -> Iterator[RunningSimulator]:
+def simulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSimulator]:
+    registry = tmp_path_factory.mktemp("simulator") / "registry.json"
+    registry.write_text(json.dumps(TEST_REGISTRY))
     config = SimulatorConfig(
+        registry_files=(registry,),
         org_id=ORG_ID,
         client_id=CLIENT_ID,
         client_secret=CLIENT_SECRET,

@@ -27,6 +27,10 @@ FAULTS = "faults"
 """The fault matrix's file (tests/reliability/test_faults.py): its rows come first."""
 COLUMNS = ("fault", "orders", "done", "failed", "lost", "duplicated")
 HEADERS = ("fault", "orders", "done", "failed (with the reason recorded)", "lost", "duplicated")
+OPTIONAL = ("wrong_patient",)
+"""Measured by the integrity tests (tests/integrity): resources linked to a resource of another patient; rows of
+suites that do not measure it show a dash."""
+OPTIONAL_HEADERS = ("linked to another patient",)
 
 
 def append_row(name: str, row: Mapping[str, Any]) -> Path | None:
@@ -62,9 +66,10 @@ def read_rows(folder: Path) -> list[dict[str, Any]]:
 
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows as a markdown table (pipes in the text escaped)."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|---|---:|---:|---|---:|---:|"]
+    lines = ["| " + " | ".join(HEADERS + OPTIONAL_HEADERS) + " |", "|---|---:|---:|---|---:|---:|---:|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(column, "")) for column in COLUMNS) + " |")
+        cells = [_cell(row.get(column, "")) for column in COLUMNS] + [_cell(row.get(c, "–")) for c in OPTIONAL]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -22,6 +22,8 @@ VALID = {
 """The examples INDEX.md lists as the current radiology shapes; the others are older variants (see the tests)."""
 
 _FOREIGN_ORGS = ("10000004", "100025702")
+_MASKED = {"Patient/P00284578---": "Patient/100000030009"}
+"""Ids the examples' authors masked, pointed at the registry's sandbox patient (the one the chain's orders name)."""
 
 
 def load(name: str) -> dict[str, Any]:
@@ -33,6 +35,8 @@ def example(name: str, org_id: str, refs: dict[str, str] | None = None) -> dict[
     reference to Encounter/ServiceRequest/ImagingStudy/Observation pointed at `refs[type]`."""
     text = (EXAMPLES_DIR / name).read_text()
     text = text.replace("{{DOCTOR_IHS_NUMBER}}", "N10000001").replace("{{FACILITY_IHS_NUMBER}}", org_id)
+    for masked, registered in _MASKED.items():
+        text = text.replace(masked, registered)
     for foreign in _FOREIGN_ORGS:
         text = text.replace(f"/{foreign}", f"/{org_id}").replace(f"Organization/{foreign}", f"Organization/{org_id}")
     resource: dict[str, Any] = json.loads(text)

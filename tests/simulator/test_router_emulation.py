@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -40,12 +41,14 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 
+from simulator.app import create_app
 from simulator.config import SimulatorConfig
 from simulator.faults import RouterFault
 from simulator.imaging import (
     JAKARTA,
     ImagingStudyBuildError,
     InstanceHeader,
+    RouterBuild,
     acsn_system,
     build_imaging_study,
     patient_reference,
@@ -226,7 +229,7 @@ def assert_matches(found: dict[str, Any], sent: Sequence[Dataset], service_reque
 # --- the builder, pure ---------------------------------------------------------------------------------------
 
 
-def _build(datasets: Sequence[Dataset], **overrides: Any) -> dict[str, Any]:
+def _run_build(datasets: Sequence[Dataset], **overrides: Any) -> RouterBuild:
     arguments: dict[str, Any] = {
         "service_request_id": "sr-1",
         "subject_reference": PATIENT,
@@ -236,6 +239,13 @@ def _build(datasets: Sequence[Dataset], **overrides: Any) -> dict[str, Any]:
     }
     arguments.update(overrides)
     return build_imaging_study(datasets, **arguments)
+
+
+def _build(datasets: Sequence[Dataset], **overrides: Any) -> dict[str, Any]:
+    """The study of a build that went through every instance."""
+    built = _run_build(datasets, **overrides)
+    assert built.stopped is None, built.stopped
+    return built.study
 
 
 def test_builder_matches_the_routers_shape() -> None:
@@ -297,43 +307,132 @@ def test_builder_puts_the_existing_id_first_for_a_put() -> None:
     ("keyword", "value"),
     [
         ("AccessionNumber", ""),
-        ("StudyInstanceUID", None),
         ("SeriesInstanceUID", ""),
         ("SOPClassUID", None),
         ("Modality", ""),
         ("Modality", None),
         ("SeriesNumber", None),
         ("SeriesNumber", ""),
+        ("SeriesNumber", "-1"),
         ("InstanceNumber", None),
+        ("InstanceNumber", ""),
+        ("InstanceNumber", "-1"),
     ],
 )
-def test_builder_names_a_missing_or_empty_required_attribute(keyword: str, value: str | None) -> None:
+def test_a_refused_first_instance_builds_nothing_and_names_the_attribute(keyword: str, value: str | None) -> None:
+    """The router's createImagingStudy fails on the first file: process_dicom_2_fhir returns None, nothing posts."""
     sent = study(series=1, per_series=3)
     if value is None:
-        delattr(sent[1], keyword)
+        delattr(sent[0], keyword)
     else:
-        setattr(sent[1], keyword, value)
+        setattr(sent[0], keyword, value)
     with pytest.raises(ImagingStudyBuildError) as caught:
-        _build(sent)
+        _run_build(sent)
     assert caught.value.tag == keyword
     assert keyword in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("InstanceNumber", None), ("InstanceNumber", ""), ("InstanceNumber", "-2"), ("SOPClassUID", None)],
+)
+def test_a_later_instance_the_library_refuses_stops_the_build_there(keyword: str, value: str | None) -> None:
+    """addInstance raises on it: the study holds the instances before it only (not the ones after), as posted."""
+    sent = study(series=1, per_series=4)
+    if value is None:
+        delattr(sent[2], keyword)
+    else:
+        setattr(sent[2], keyword, value)
+    built = _run_build(sent)
+    assert built.stopped is not None
+    assert (built.stopped.tag, built.stopped.sop_instance_uid) == (keyword, sent[2].SOPInstanceUID)
+    assert [i["uid"] for i in built.study["series"][0]["instance"]] == [sent[0].SOPInstanceUID, sent[1].SOPInstanceUID]
+    assert (built.study["numberOfInstances"], built.study["series"][0]["numberOfInstances"]) == (2, 2)
+
+
+def test_an_instance_refused_in_a_new_series_leaves_that_series_empty_like_the_router() -> None:
+    """addSeries appends the new series (and counts it) before addInstance raises: an empty series is posted."""
+    sent = study(series=2, per_series=2)
+    del sent[2].InstanceNumber  # the first instance of series 2
+    built = _run_build(sent)
+    assert built.stopped is not None and built.stopped.tag == "InstanceNumber"
+    second = built.study["series"][1]
+    assert second["uid"] == sent[2].SeriesInstanceUID
+    assert second["numberOfInstances"] == 0
+    assert "instance" not in second  # fhir.resources drops the empty list when it serialises
+    assert (built.study["numberOfSeries"], built.study["numberOfInstances"]) == (2, 2)
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("SeriesNumber", None), ("SeriesNumber", "-1"), ("Modality", "")])
+def test_a_new_series_without_series_number_or_modality_stops_before_the_series_is_added(
+    keyword: str, value: str | None
+) -> None:
+    sent = study(series=2, per_series=2)
+    if value is None:
+        delattr(sent[2], keyword)
+    else:
+        setattr(sent[2], keyword, value)
+    built = _run_build(sent)
+    assert built.stopped is not None and built.stopped.tag == keyword
+    assert [s["uid"] for s in built.study["series"]] == [sent[0].SeriesInstanceUID]
+    assert built.study["numberOfSeries"] == 1
+
+
+@pytest.mark.parametrize("keyword", ["SeriesNumber", "Modality"])
+def test_series_number_and_modality_are_read_only_when_a_series_is_new(keyword: str) -> None:
+    """In a series already seen the router never reads them: such an instance goes in like the others."""
+    sent = study(series=1, per_series=3)
+    delattr(sent[1], keyword)
+    built = _build(sent)
+    assert built["numberOfInstances"] == 3
+
+
+@pytest.mark.parametrize(
+    ("study_time", "expected"),
+    [
+        ("101500", "2024-03-04T10:15:00+07:00"),
+        ("101500.123456", "2024-03-04T10:15:00+07:00"),
+        ("1015", "2024-03-04T00:00:00"),
+        ("", "2024-03-04T00:00:00"),
+        (None, "2024-03-04T00:00:00"),
+    ],
+)
+def test_study_started_is_built_as_the_routers_gen_started_datetime(study_time: str | None, expected: str) -> None:
+    """hhmmss → +07:00; absent, empty or HHMM → zone-less midnight (outputs probed on the router's own libraries)."""
+    sent = study(series=1, per_series=1, study_date=dt.date(2024, 3, 4))
+    if study_time is None:
+        del sent[0].StudyTime
+    else:
+        sent[0].StudyTime = study_time
+    assert _build(sent)["started"] == expected
+
+
 def test_builder_falls_back_as_the_router_does() -> None:
-    """No descriptions → "No Description"; no ImageType → ORIGINAL\\PRIMARY; no SeriesTime → the router's clock;
-    no StudyDate → no study `started`; a short StudyTime → the date alone."""
+    """No descriptions → "No Description"; no ImageType → ORIGINAL\\PRIMARY; no SeriesTime → the router's clock's
+    time of day (UTC in its container) labelled +07:00; no or bad StudyDate / SeriesDate → no `started`."""
     sent = study(series=1, per_series=2, study_date=dt.date(2024, 5, 6))
     for ds in sent:
         del ds.StudyDescription, ds.SeriesDescription, ds.ImageType, ds.SeriesTime
-    built = _build(sent)
+    built = _build(sent)  # now = 2025-01-02 03:04:05 +07:00 = 2025-01-01 20:04:05 UTC
     assert built["description"] == "No Description"
     assert built["series"][0]["description"] == "No Description"
     assert built["series"][0]["instance"][0]["title"] == "ORIGINAL\\PRIMARY"
-    assert built["series"][0]["started"] == "2024-05-06T03:04:05+07:00"
+    assert built["series"][0]["started"] == "2024-05-06T20:04:05+07:00"
     del sent[0].StudyDate
     assert "started" not in _build(sent)
-    sent[0].StudyDate, sent[0].StudyTime = "20240506", "1200"
-    assert _build(sent)["started"] == "2024-05-06"
+    sent[0].StudyDate = ""
+    assert "started" not in _build(sent)
+    sent[0].StudyDate, sent[0].StudyTime = "20240506", "251500"  # strptime refuses the hour: no started
+    assert "started" not in _build(sent)
+    for ds in sent:
+        del ds.SeriesDate
+    assert "started" not in _build(sent)["series"][0]
+
+
+def test_an_empty_series_time_gives_a_zone_less_series_started() -> None:
+    sent = study(series=1, per_series=1, study_date=dt.date(2024, 5, 6))
+    sent[0].SeriesTime = ""
+    assert _build(sent)["series"][0]["started"] == "2024-05-06T00:00:00"
 
 
 def test_builder_joins_a_single_valued_image_type_character_by_character_like_the_router() -> None:
@@ -536,16 +635,111 @@ def test_an_absent_accession_number_element_fails_the_c_store(sim: Sim) -> None:
 
 
 @integration
-def test_a_missing_required_attribute_fails_the_imagingstudy_and_names_it(sim: Sim) -> None:
+def test_a_refused_first_instance_fails_the_imagingstudy_and_names_it(sim: Sim) -> None:
     sim.add_service_request("ACC0007")
     sent = study("ACC0007", series=1, per_series=2)
-    sent[1].Modality = ""
+    sent[0].Modality = ""
     assert send_pynetdicom(sim.port, sent).statuses == [0x0000, 0x0000]
     sim.wait()
     assert sim.store.all("ImagingStudy") == []
     [failed] = sim.events("router.failed")
     assert failed["tag"] == "Modality"
     assert "Modality" in failed["reason"]
+
+
+@integration
+@pytest.mark.parametrize(("value", "label"), [(None, "absent"), ("-3", "neg")])
+def test_a_later_instance_without_a_usable_instance_number_gives_a_partial_imagingstudy(
+    sim: Sim, value: str | None, label: str
+) -> None:
+    """As the router posted 3 of 10 instances: everything before the refused instance, nothing after it."""
+    order = sim.add_service_request(f"ACC-P-{label}")
+    sent = study(f"ACC-P-{label}", series=2, per_series=3)
+    if value is None:
+        del sent[4].InstanceNumber
+    else:
+        sent[4].InstanceNumber = value
+    assert send_pynetdicom(sim.port, sent).statuses == [0x0000] * 6  # the modality cannot tell
+    sim.wait()
+    [found] = sim.imaging_studies(f"ACC-P-{label}")
+    assert_matches(found, sent[:4], order)
+    [stopped] = sim.events("router.build_stopped")
+    assert (stopped["tag"], stopped["sop_instance_uid"]) == ("InstanceNumber", sent[4].SOPInstanceUID)
+    assert (stopped["instances"], stopped["received"]) == (4, 6)
+    [created] = sim.events("router.imagingstudy")
+    assert (created["instances"], created["partial"]) == (4, True)
+
+
+@integration
+@pytest.mark.parametrize(
+    ("study_time", "started"),
+    [("101500", "T10:15:00+07:00"), ("1015", None), ("", None), (None, None)],
+    ids=["hhmmss", "hhmm", "empty", "absent"],
+)
+def test_study_time_decides_whether_the_imagingstudy_appears(
+    sim: Sim, study_time: str | None, started: str | None
+) -> None:
+    """hhmmss → +07:00 and the ImagingStudy appears; HHMM, empty or absent → the router posts a zone-less
+    `started`, the platform refuses it (date format) and no ImagingStudy appears for the ACSN, as in production."""
+    acsn = f"ACC-TIME-{study_time}"
+    sim.add_service_request(acsn)
+    sent = study(acsn, series=1, per_series=2, study_date=dt.date(2024, 3, 4))
+    for ds in sent:
+        if study_time is None:
+            del ds.StudyTime
+        else:
+            ds.StudyTime = study_time
+    send_pynetdicom(sim.port, sent)
+    sim.wait()
+    found = sim.imaging_studies(acsn)
+    if started is not None:
+        [imaging_study] = found
+        assert imaging_study["started"] == f"2024-03-04{started}"
+        assert sim.events("router.failed") == []
+        return
+    assert found == []
+    [failed] = sim.events("router.failed")
+    assert failed["reason"].startswith("POST ImagingStudy failed")
+    assert failed["status"] == 400
+    [issue] = [i for i in failed["outcome"]["issue"] if i["expression"] == ["ImagingStudy.started"]]
+    assert issue["severity"] == "error"
+
+
+@integration
+def test_a_short_series_time_is_refused_too(sim: Sim) -> None:
+    """SeriesTime `1015` → the series' zone-less midnight: the platform refuses the ImagingStudy there as well."""
+    sim.add_service_request("ACC-STIME")
+    sent = study("ACC-STIME", series=1, per_series=1)
+    sent[0].SeriesTime = "1015"
+    send_pynetdicom(sim.port, sent)
+    sim.wait()
+    assert sim.imaging_studies("ACC-STIME") == []
+    [failed] = sim.events("router.failed")
+    assert ["ImagingStudy.series[0].started"] in [issue["expression"] for issue in failed["outcome"]["issue"]]
+
+
+@integration
+def test_the_routers_post_meets_the_same_validation_as_an_external_post(sim: Sim) -> None:
+    """The emulation's refusal equals what `POST /fhir-r4/v1/ImagingStudy` answers the router's own body."""
+    order = sim.add_service_request("ACC-SAME")
+    sent = study("ACC-SAME", series=1, per_series=1)
+    del sent[0].StudyTime
+    send_pynetdicom(sim.port, sent)
+    sim.wait()
+    [failed] = sim.events("router.failed")
+    body = build_imaging_study(
+        sent, service_request_id=order["id"], subject_reference=PATIENT, imaging_study_id=None, org_id=sim.config.org_id
+    ).study
+    token, _ = sim.store.issue_token(sim.config.client_id, 60)
+    with TestClient(create_app(sim.platform)) as client:
+        response = client.post(
+            "/fhir-r4/v1/ImagingStudy",
+            content=json.dumps(body),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+    assert response.status_code == failed["status"] == 400
+    assert failed["outcome"] == response.json()
+    assert sim.store.all("ImagingStudy") == []
 
 
 @integration
@@ -559,6 +753,39 @@ def test_the_platform_rules_judge_the_routers_imagingstudy(sim: Sim) -> None:
     assert failed["reason"].startswith("POST ImagingStudy failed")
     assert failed["status"] == 400
     assert any("started" in expression for issue in failed["outcome"]["issue"] for expression in issue["expression"])
+
+
+@integration
+def test_an_acsn_with_a_comma_is_not_found_by_the_routers_raw_search(sim: Sim) -> None:
+    """The router's `identifier=<acsn system>%7CR,1` is `R` OR `1`: the order holding `R,1` is never found."""
+    sim.add_service_request("R,1")
+    send_pynetdicom(sim.port, study("R,1", series=1, per_series=1))
+    sim.wait()
+    assert sim.store.all("ImagingStudy") == []
+    [skipped] = sim.events("router.skipped")
+    assert (skipped["reason"], skipped["accession"]) == ("ServiceRequest not found", "R,1")
+
+
+@integration
+def test_an_acsn_with_a_comma_links_the_order_of_one_of_its_pieces(sim: Sim) -> None:
+    """With an order for `Q` on file, the raw search for `Q,2` finds it: the ImagingStudy of `Q,2` is based on
+    the wrong order, as the router would post it in production."""
+    other = sim.add_service_request("Q")
+    send_pynetdicom(sim.port, study("Q,2", series=1, per_series=1))
+    sim.wait()
+    [found] = sim.store.all("ImagingStudy")
+    assert found["identifier"][0]["value"] == "Q,2"
+    assert found["basedOn"] == [{"reference": f"ServiceRequest/{other['id']}"}]
+
+
+@integration
+def test_an_acsn_with_a_dollar_is_found_by_the_routers_raw_search(sim: Sim) -> None:
+    order = sim.add_service_request("D$1")
+    sent = study("D$1", series=1, per_series=2)
+    send_pynetdicom(sim.port, sent)
+    sim.wait()
+    [found] = sim.imaging_studies("D$1")
+    assert_matches(found, sent, order)
 
 
 @integration

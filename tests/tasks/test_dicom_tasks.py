@@ -92,6 +92,7 @@ def test_concurrent_lookups_use_the_pacs_client_of_their_own_io_thread(monkeypat
         return StudyRef(str(query["study_instance_uid"]), "ACSN", 1, ("CT",))
 
     monkeypatch.setattr(PacsClient, "find_study", recording_find_study)
+    monkeypatch.setattr(PacsClient, "study_metadata", lambda self, uid: [_routable_instance(uid)])
 
     async def three_at_once() -> list[dict[str, Any]]:
         return await asyncio.gather(*(locate_study.fn(study_instance_uid=f"1.2.3.{n}") for n in range(3)))
@@ -100,3 +101,20 @@ def test_concurrent_lookups_use_the_pacs_client_of_their_own_io_thread(monkeypat
 
     assert [result["study_instance_uid"] for result in results] == ["1.2.3.0", "1.2.3.1", "1.2.3.2"]
     calls.assert_each_thread_used_its_own_client(3)
+
+
+def _routable_instance(study_uid: str) -> dict[str, str]:
+    """One instance's metadata that passes the pre-flight."""
+    return {
+        "StudyInstanceUID": study_uid,
+        "SeriesInstanceUID": study_uid + ".1",
+        "SOPInstanceUID": study_uid + ".1.1",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+        "Modality": "CT",
+        "SeriesNumber": "1",
+        "InstanceNumber": "1",
+        "StudyDate": "20250801",
+        "StudyTime": "101500",
+        "SeriesDate": "20250801",
+        "SeriesTime": "101600",
+    }
