@@ -232,13 +232,15 @@ class StudyFacts(BaseModel):
 
     @classmethod
     def from_located(cls, study: Mapping[str, Any], *, started: datetime | None = None) -> StudyFacts:
-        """From `tasks.dicom.locate_study`'s answer (`study_instance_uid`, `modalities`, and `study_description`
-        when the PACS lookup reports it)."""
-        return cls(
-            study_instance_uid=study.get("study_instance_uid"),
-            modalities=tuple(study.get("modalities") or ()),
-            description=study.get("study_description") or None,
-            started=started,
+        """From `tasks.dicom.locate_study`'s answer: `study_instance_uid`, `modalities`, `description`
+        (StudyDescription) and `started` (StudyDate + StudyTime, ISO 8601 with its offset), each when present."""
+        return cls.model_validate(
+            {
+                "study_instance_uid": study.get("study_instance_uid"),
+                "modalities": tuple(study.get("modalities") or ()),
+                "description": study.get("description") or study.get("study_description") or None,
+                "started": started if started is not None else study.get("started"),
+            }
         )
 
 

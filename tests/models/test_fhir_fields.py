@@ -574,20 +574,25 @@ def test_any_valid_input_builds_resources_the_platform_takes(
 
 
 def test_study_facts_from_the_pacs_lookup() -> None:
+    """`tasks.dicom.locate_study`'s answer: the QIDO keys and the pre-flight's description and started (ISO)."""
     located = {
         "study_instance_uid": "1.2.3",
         "accession_number": "A1",
-        "number_of_instances": 4,
         "modalities": ["KO", "mr"],
+        "description": "MRI Kepala",
+        "started": "2025-08-01T13:30:00+07:00",
+        "times": None,
     }
-    facts = StudyFacts.from_located({**located, "study_description": "MRI Kepala"}, started=STUDY_STARTED)
+    facts = StudyFacts.from_located(located)
     assert (facts.study_instance_uid, facts.modality, facts.description, facts.started) == (
         "1.2.3",
         "MR",  # a key object (KO) describes the images, it is not how they were acquired
         "MRI Kepala",
         STUDY_STARTED,
     )
-    assert StudyFacts.from_located(located).description is None
+    assert StudyFacts.from_located({**located, "description": None, "started": None}).started is None
     assert StudyFacts(modalities=("SR", "PR")).modality is None
     # JSON-able, so the order's cache key (tasks.fhir._order_key) can include it
     assert StudyFacts.model_validate(facts.model_dump(mode="json")) == facts
+    reading = build_observation(model(Batch4Input, BATCH4), ORG, **LINKS, issued=POSTED, site=SITE, study=facts)
+    assert reading["effectiveDateTime"] == "2025-08-01T06:30:00+00:00"
