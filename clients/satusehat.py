@@ -27,6 +27,7 @@ appear in messages or logs; request lines are logged at DEBUG (method, path and 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
@@ -82,9 +83,30 @@ _RULE_SUFFIX = re.compile(r"\s*\(\s*RuleNumber\s*:?\s*\d+\s*\)\s*$", re.IGNORECA
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _DUPLICATE_RULE = 20002
+NIK_SYSTEM = "https://fhir.kemkes.go.id/id/nik"
+"""The identifier system of an Indonesian NIK on SATUSEHAT's Patient and Practitioner."""
+NIK_CACHE_TTL_S = 6 * 3600.0
+"""How long an NIK → IHS id answer is reused in this process (an IHS id does not change; the TTL bounds memory
+of people not seen again and of a correction made on the platform)."""
+_NIK_IN_QUERY = re.compile(r"(id/nik(?:\||%7C))[0-9]+", re.IGNORECASE)
 _MAX_DETAIL_CHARS = 300
 _MAX_EXCERPT_CHARS = 1000
 _MAX_ISSUES_IN_MESSAGE = 5
+
+
+class _NikRedactingFilter(logging.Filter):
+    """httpx logs every request URL at INFO ("HTTP Request: GET …"); a NIK search must not leave the NIK there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(
+                _NIK_IN_QUERY.sub(r"\1***", unquote(str(arg))) if "nik" in str(arg).lower() else arg
+                for arg in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_NikRedactingFilter())
 
 
 def default_user_agent() -> str:
@@ -173,6 +195,8 @@ class SatusehatClient:
         self._window = window
         self._token: _Token | None = None
         self._token_lock = threading.Lock()
+        self._ihs_by_nik: dict[tuple[str, str], tuple[str, float]] = {}
+        self._ihs_by_nik_lock = threading.Lock()
         self._http = httpx.Client(
             transport=transport,
             timeout=httpx.Timeout(timeout),
@@ -354,6 +378,44 @@ class SatusehatClient:
             and entry["resource"].get("resourceType") == resource_type
         ]
 
+    def ihs_id_by_nik(self, resource_type: str, nik: str) -> str | None:
+        """The IHS id of the Patient or Practitioner with this NIK, or None when the platform knows none.
+
+        `GET {fhir}/{type}?identifier=https://fhir.kemkes.go.id/id/nik|<NIK>`: the searchset's entries carry the IHS
+        id. Found ids are cached in this process for NIK_CACHE_TTL_S (keyed by a hash, not the NIK); an unknown NIK
+        is asked again next time. The NIK never appears in a log line or an error message.
+        """
+        if resource_type not in ("Patient", "Practitioner"):
+            raise ValueError(f"a NIK names a Patient or a Practitioner, not a {resource_type}")
+        key = (resource_type, hashlib.sha256(nik.encode()).hexdigest())
+        now = self._clock()
+        with self._ihs_by_nik_lock:
+            cached = self._ihs_by_nik.get(key)
+            if cached is not None and cached[1] > now:
+                return cached[0]
+        bundle = self.search(resource_type, [("identifier", f"{NIK_SYSTEM}|{nik}")])
+        ids = sorted(
+            {
+                str(entry["resource"]["id"])
+                for entry in bundle.get("entry") or []
+                if isinstance(entry, dict)
+                and isinstance(entry.get("resource"), dict)
+                and entry["resource"].get("resourceType") == resource_type
+                and entry["resource"].get("id")
+            }
+        )
+        if not ids:
+            return None
+        if len(ids) > 1:
+            raise FhirRejected(
+                f"SATUSEHAT holds {len(ids)} {resource_type} resources for one NIK ({', '.join(ids)}): "
+                "not choosing one; send the IHS id instead",
+                status_code=409,
+            )
+        with self._ihs_by_nik_lock:
+            self._ihs_by_nik[key] = (ids[0], now + NIK_CACHE_TTL_S)
+        return ids[0]
+
     def create_or_adopt(
         self, resource: JsonObject, identifier_system: str | None = None, *, search_first: bool = True
     ) -> CreateResult:
@@ -514,7 +576,7 @@ class SatusehatClient:
             window.release()
 
     def _exchange(self, request: httpx.Request, operation: str) -> httpx.Response:
-        target = unquote(request.url.raw_path.decode("ascii", "replace"))
+        target = _NIK_IN_QUERY.sub(r"\1***", unquote(request.url.raw_path.decode("ascii", "replace")))
         started = time.perf_counter()
         error: GatewayError
         try:

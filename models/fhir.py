@@ -8,22 +8,31 @@ fhir.resources R4B model before returning, so a builder bug fails here and not a
 
 Every date-time goes out in UTC as `YYYY-MM-DDThh:mm:ss+00:00` (`models.timeutil.to_fhir_datetime`).
 
-Identifier values: the order's ACSN, else the input's `identifier_value` (`resource_identifier_value`).
+Identifier values: the order's ACSN, else the input's `identifier_value` (`resource_identifier_value`); the
+ServiceRequest's own `servicerequest` identifier is the other way round, as the existing gateway sent it
+(`service_request_identifier_value`); it is always found again by its ACSN identifier (`LOOKUP_IDENTIFIER`).
+
+Nothing clinical is made up: the exam code comes from the input, the study's modality or the hospital's settings
+(`resolve_exam`, refused when none applies); times come from the input, the PACS study or the flow's clock, which
+the caller passes in (`SiteDefaults` and `StudyFacts` carry what the settings and the PACS say).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from models.inputs import (
+    DEFAULT_REASON_TEXT,
+    ENCOUNTER_CLASSES,
+    EXAM_DISPLAYS,
     Batch1Input,
     Batch2Input,
     Batch3Input,
@@ -34,6 +43,7 @@ from models.inputs import (
     acquisition_modalities,
     check_fhir_id,
 )
+from models.settings import Settings
 from models.timeutil import require_aware, to_fhir_datetime
 
 JsonObject = dict[str, Any]
@@ -134,6 +144,7 @@ class Coding:
 
 
 ENCOUNTER_CLASS_AMBULATORY = Coding(V3_ACT_CODE, "AMB", "ambulatory")
+DICOM_UID_PREFIX = "urn:oid:"
 PARTICIPANT_ATTENDER = Coding(V3_PARTICIPATION_TYPE, "ATND", "attender")
 IDENTIFIER_TYPE_ACSN = Coding(V2_0203_IDENTIFIER_TYPE, "ACSN")
 SERVICE_REQUEST_CATEGORY_IMAGING = Coding(SNOMED_CT, "363679005", "Imaging")
@@ -155,6 +166,115 @@ class FhirBuildError(ValueError):
     """A builder produced something that is not valid FHIR R4, or lacked an id it needs: a gateway bug."""
 
 
+class IncompleteOrder(ValueError):
+    """The input lacks something the resource needs and no setting supplies it: the message names the field and
+    the setting. An input problem (sending it again cannot help), unlike FhirBuildError."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# --- what the hospital configured, and what the PACS says about the study -----------------------------------
+
+
+@dataclass(frozen=True)
+class SiteDefaults:
+    """The hospital's choices for gaps in an order (models/settings.py; docs/his-integration.md). The builders take
+    them as a value so they stay pure: the tasks pass `SiteDefaults.from_settings(settings)`."""
+
+    encounter_class: str = "AMB"
+    """Encounter.class when the input has no `encounter_class` (ENCOUNTER_CLASS)."""
+    service_request_performer: str | None = None
+    """ServiceRequest.performer when the input names none (SERVICE_REQUEST_PERFORMER); None = Organization/{org}."""
+    default_exam_code: str | None = None
+    """LOINC exam code when neither the input nor the modality table gives one (DEFAULT_EXAM_CODE)."""
+    exam_code_by_modality: Mapping[str, str] = field(default_factory=dict)
+    """DICOM modality → LOINC exam code (EXAM_CODE_BY_MODALITY)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SiteDefaults:
+        return cls(
+            encounter_class=settings.encounter_class,
+            service_request_performer=settings.service_request_performer,
+            default_exam_code=settings.default_exam_code,
+            exam_code_by_modality=dict(settings.exam_code_by_modality),
+        )
+
+
+NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "REG", "SEG", "RWV", "FID", "PLAN", "RTPLAN", "OT"})
+"""ModalitiesInStudy values that describe objects stored beside the images, not how the study was acquired."""
+
+
+class StudyFacts(BaseModel):
+    """What the PACS says about the order's study, for the resources built around it (batch4, dicom-process).
+    A frozen pydantic model, so a task's cache key can include it (`tasks.fhir._order_key`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    study_instance_uid: str | None = None
+    """Sent as the ServiceRequest's `urn:dicom:uid` identifier (`urn:oid:<UID>`), as the router writes it."""
+    modalities: tuple[str, ...] = ()
+    """ModalitiesInStudy, in the PACS's order: the first acquisition modality is the study's."""
+    description: str | None = None
+    """StudyDescription: the exam's text when the code came from a setting and has no known display."""
+    started: datetime | None = None
+    """StudyDate + StudyTime (aware): Observation/DiagnosticReport `effectiveDateTime`."""
+
+    @property
+    def modality(self) -> str | None:
+        """The study's acquisition modality: the first of ModalitiesInStudy that is not SR/KO/PR and the like."""
+        known = acquisition_modalities()
+        for code in self.modalities:
+            if code and code.upper() not in NON_IMAGE_MODALITIES and code.upper() in known:
+                return code.upper()
+        return None
+
+    @classmethod
+    def from_located(cls, study: Mapping[str, Any], *, started: datetime | None = None) -> StudyFacts:
+        """From `tasks.dicom.locate_study`'s answer: `study_instance_uid`, `modalities`, `description`
+        (StudyDescription) and `started` (StudyDate + StudyTime, ISO 8601 with its offset), each when present."""
+        return cls.model_validate(
+            {
+                "study_instance_uid": study.get("study_instance_uid"),
+                "modalities": tuple(study.get("modalities") or ()),
+                "description": study.get("description") or study.get("study_description") or None,
+                "started": started if started is not None else study.get("started"),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Exam:
+    """The exam an order is for, and where that came from (for the run's record and error messages)."""
+
+    code: str
+    display: str | None
+    source: str
+
+
+def resolve_exam(source: object, site: SiteDefaults, study: StudyFacts | None = None) -> Exam:
+    """The exam's LOINC code: the input's `codind_code`; else the modality (the input's `modality`, else the PACS
+    study's) through EXAM_CODE_BY_MODALITY; else DEFAULT_EXAM_CODE; else IncompleteOrder. Never a fixed exam."""
+    code = getattr(source, "codind_code", None)
+    if code:
+        return Exam(code, getattr(source, "coding_display", None) or EXAM_DISPLAYS.get(code), "codind_code")
+    modality = getattr(source, "modality", None) or (study.modality if study is not None else None)
+    if modality is not None and modality in site.exam_code_by_modality:
+        code = site.exam_code_by_modality[modality]
+        return Exam(code, EXAM_DISPLAYS.get(code), f"EXAM_CODE_BY_MODALITY[{modality}]")
+    if site.default_exam_code:
+        code = site.default_exam_code
+        return Exam(code, EXAM_DISPLAYS.get(code), "DEFAULT_EXAM_CODE")
+    where = f"the study's modality {modality} is not in EXAM_CODE_BY_MODALITY" if modality else "no modality known"
+    raise IncompleteOrder(
+        "codind_code",
+        f"no exam code: the body has no codind_code (or coding_code), {where}, and DEFAULT_EXAM_CODE is not set. "
+        "Send the exam's LOINC code, or configure EXAM_CODE_BY_MODALITY / DEFAULT_EXAM_CODE (the gateway does "
+        "not assume an exam)",
+    )
+
+
 # --- shared pieces -----------------------------------------------------------------------------------------
 
 
@@ -172,8 +292,8 @@ def _concept(coding: Coding, text: str | None = None) -> JsonObject:
     return concept
 
 
-def _exam_code(code: str, display: str | None, *, with_text: bool = False) -> JsonObject:
-    return _concept(Coding(LOINC, code, display), display if with_text else None)
+def _exam_concept(exam: Exam, *, text: str | None = None) -> JsonObject:
+    return _concept(Coding(LOINC, exam.code, exam.display), text)
 
 
 def _linked_id(element: str, explicit: str | None, source: object, field: str) -> str:
@@ -187,8 +307,24 @@ def _linked_id(element: str, explicit: str | None, source: object, field: str) -
         raise FhirBuildError(f"{element}: {field} {error}") from None
 
 
-def _fhir_instant(value: datetime | None, fallback: datetime, what: str) -> str:
-    return to_fhir_datetime(fallback if value is None else require_aware(value, what))
+def _issued(given: datetime | None, now: datetime | None, field: str, element: str) -> str:
+    """The HIS's time if it gave one, else the time the flow posts the resource (passed in: no clock here)."""
+    if given is not None:
+        return to_fhir_datetime(given)
+    if now is None:
+        raise FhirBuildError(f"{element} needs {field} from the input or `issued` (the flow's clock) from the caller")
+    return to_fhir_datetime(require_aware(now, "issued"))
+
+
+def _effective(source: object, study: StudyFacts | None) -> str | None:
+    """When the finding refers to: the study's time from the PACS; else, for the standalone Observation and
+    DiagnosticReport bodies (and batch2), their own `period_start`, which the HIS sends for that resource. A
+    batch's `period_start` is the visit's start, not the study's: then nothing is sent rather than that."""
+    if study is not None and study.started is not None:
+        return to_fhir_datetime(require_aware(study.started, "study started"))
+    if isinstance(source, EncounterInput):
+        return None
+    return to_fhir_datetime(source.period_start)  # type: ignore[attr-defined]
 
 
 def resource_identifier_value(source: object) -> str:
@@ -201,6 +337,15 @@ def resource_identifier_value(source: object) -> str:
     value = getattr(source, "noacsn", None) or getattr(source, "identifier_value", None)
     if not value:
         raise FhirBuildError(f"{type(source).__name__} has neither noacsn nor identifier_value")
+    return value
+
+
+def service_request_identifier_value(order: object) -> str:
+    """The ServiceRequest's `servicerequest/{org}` identifier: `identifier_value`, else the ACSN, as the existing
+    gateway sent it. (Lookups use the ACSN identifier, unique per order: see LOOKUP_IDENTIFIER.)"""
+    value = getattr(order, "identifier_value", None) or getattr(order, "noacsn", None)
+    if not value:
+        raise FhirBuildError(f"{type(order).__name__} has neither identifier_value nor noacsn")
     return value
 
 
@@ -236,20 +381,25 @@ def _checked(resource: JsonObject) -> JsonObject:
 # --- the builders ------------------------------------------------------------------------------------------
 
 
-def build_encounter(visit: EncounterInput, org_id: str) -> JsonObject:
-    """An ambulatory Encounter in status `arrived` (Batch1/3/4 inputs are EncounterInputs too).
+def build_encounter(visit: EncounterInput, org_id: str, *, site: SiteDefaults | None = None) -> JsonObject:
+    """An Encounter in status `arrived` (Batch1/3/4 inputs are EncounterInputs too).
 
-    The period ends at `period_end` (default start + 10 min, clamped to 'now' at validation); statusHistory
-    repeats it, as SATUSEHAT requires a statusHistory (rule 10122). Location only when the input names one.
+    The class is the input's `encounter_class`, else the site's (ENCOUNTER_CLASS, default AMB). The period ends
+    only when the input says so: an arrived visit has not ended (SATUSEHAT wants an end once finished, rule
+    10121). statusHistory repeats the period (rule 10122). Location only when the input names one.
     """
-    period = {"start": to_fhir_datetime(visit.period_start), "end": to_fhir_datetime(visit.encounter_end)}
+    site = site or SiteDefaults()
+    period: JsonObject = {"start": to_fhir_datetime(visit.period_start)}
+    if visit.period_end is not None:
+        period["end"] = to_fhir_datetime(visit.period_end)
+    class_code = visit.encounter_class or site.encounter_class
     encounter: JsonObject = {
         "resourceType": "Encounter",
         "identifier": [
             {"system": identifier_system(IdentifierKind.ENCOUNTER, org_id), "value": visit.identifier_value}
         ],
         "status": ENCOUNTER_STATUS,
-        "class": ENCOUNTER_CLASS_AMBULATORY.as_json(),
+        "class": Coding(V3_ACT_CODE, class_code, ENCOUNTER_CLASSES.get(class_code)).as_json(),
         "subject": _reference(visit.subject_ref),
         "participant": [
             {
@@ -268,57 +418,75 @@ def build_encounter(visit: EncounterInput, org_id: str) -> JsonObject:
 
 
 def build_service_request(
-    order: ServiceRequestInput | Batch1Input, org_id: str, *, encounter_id: str | None = None
+    order: ServiceRequestInput | Batch1Input,
+    org_id: str,
+    *,
+    encounter_id: str | None = None,
+    site: SiteDefaults | None = None,
+    study: StudyFacts | None = None,
 ) -> JsonObject:
     """The radiology order, carrying the ACSN the DICOM Router links the study by.
 
     `encounter_id` is the Encounter just created (batches); standalone input carries its own. Occurrence and
-    authoredOn are `period_start`, as the existing gateway sent them.
+    authoredOn are `period_start`, as the existing gateway sent them. The exam is `resolve_exam`'s; the modality
+    the input's, else the PACS study's (none known: no modality orderDetail). The performer is the input's, else
+    the site's SERVICE_REQUEST_PERFORMER, else the organisation (rule 10377 wants one). `study` (batch4) adds the
+    StudyInstanceUID identifier.
     """
+    site = site or SiteDefaults()
     encounter = _linked_id("ServiceRequest.encounter", encounter_id, order, "encounter_id")
     when = to_fhir_datetime(order.period_start)
     requester = order.requester_ref
     if requester is None:
         raise FhirBuildError("ServiceRequest.requester needs requester_reference (rule 10376)")
-    order_detail: list[JsonObject] = [
-        _concept(
-            Coding(DICOM_DCM, order.modality, acquisition_modalities().get(order.modality)),
-            f"Modality Code: {order.modality}",
+    exam = resolve_exam(order, site, study)
+    modality = order.modality or (study.modality if study is not None else None)
+    order_detail: list[JsonObject] = []
+    if modality is not None:
+        order_detail.append(
+            _concept(Coding(DICOM_DCM, modality, acquisition_modalities().get(modality)), f"Modality Code: {modality}")
         )
-    ]
     if order.ae_title is not None:
         order_detail.append({"coding": [{"system": AE_TITLE_SYSTEM, "display": order.ae_title}]})
+    identifiers: list[JsonObject] = [
+        {
+            "system": identifier_system(IdentifierKind.SERVICE_REQUEST, org_id),
+            "value": service_request_identifier_value(order),
+        },
+        {
+            "use": IDENTIFIER_USE_USUAL,
+            "type": _concept(IDENTIFIER_TYPE_ACSN),
+            "system": identifier_system(IdentifierKind.ACSN, org_id),
+            "value": order.noacsn,
+        },
+    ]
+    if study is not None and study.study_instance_uid:
+        identifiers.append({"system": DICOM_UID_SYSTEM, "value": DICOM_UID_PREFIX + study.study_instance_uid})
+    performer = order.order_performer_ref
+    performer_display = order.order_performer_name
+    if performer is None:
+        performer, performer_display = site.service_request_performer or f"Organization/{org_id}", None
+    exam_text = exam.display or (study.description if study is not None else None)
     service_request: JsonObject = {
         "resourceType": "ServiceRequest",
-        "identifier": [
-            {
-                "system": identifier_system(IdentifierKind.SERVICE_REQUEST, org_id),
-                "value": resource_identifier_value(order),
-            },
-            {
-                "use": IDENTIFIER_USE_USUAL,
-                "type": _concept(IDENTIFIER_TYPE_ACSN),
-                "system": identifier_system(IdentifierKind.ACSN, org_id),
-                "value": order.noacsn,
-            },
-        ],
+        "identifier": identifiers,
         "status": SERVICE_REQUEST_STATUS,
         "intent": SERVICE_REQUEST_INTENT,
         "priority": SERVICE_REQUEST_PRIORITY,
         "category": [_concept(SERVICE_REQUEST_CATEGORY_IMAGING)],
-        "code": _exam_code(order.codind_code, order.coding_display, with_text=True),
-        "orderDetail": order_detail,
+        "code": _exam_concept(exam, text=exam_text),
+    }
+    if order_detail:
+        service_request["orderDetail"] = order_detail
+    service_request |= {
         "subject": _reference(order.subject_ref),
         "encounter": _reference(f"Encounter/{encounter}"),
         "occurrenceDateTime": when,
         "authoredOn": when,
         "requester": _reference(requester, order.requester_name),
+        "performer": [_reference(performer, performer_display)],
+        "reasonCode": [{"text": order.reason_text or DEFAULT_REASON_TEXT}],
     }
-    performer = order.order_performer_ref
-    if performer is not None:
-        service_request["performer"] = [_reference(performer, order.order_performer_name)]
-    if order.reason_text is not None:
-        service_request["reasonCode"] = [{"text": order.reason_text}]
     return _checked(service_request)
 
 
@@ -330,16 +498,20 @@ def build_observation(
     service_request_id: str | None = None,
     imaging_study_id: str | None = None,
     issued: datetime | None = None,
+    site: SiteDefaults | None = None,
+    study: StudyFacts | None = None,
 ) -> JsonObject:
     """The radiologist's reading: category imaging, based on the order, derived from the ImagingStudy.
 
-    Ids passed here win over the input's (batches pass what they just created or found). `issued` is when
-    the reading was made available; default `period_start`, like the existing gateway, which keeps the
-    builder deterministic. Pass the flow's clock to report the real time.
+    Ids passed here win over the input's (batches pass what they just created or found). `issued` is the input's
+    `reading_time`, else the `issued` passed in (the flow's clock when it posts it; required then).
+    `effectiveDateTime` is the study's time (`study.started`) when known (see `_effective`).
     """
+    site = site or SiteDefaults()
     encounter = _linked_id("Observation.encounter", encounter_id, reading, "encounter_id")
     service_request = _linked_id("Observation.basedOn", service_request_id, reading, "service_request_id")
     imaging_study = _linked_id("Observation.derivedFrom", imaging_study_id, reading, "imaging_study_id")
+    exam = resolve_exam(reading, site, study)
     observation: JsonObject = {
         "resourceType": "Observation",
         "identifier": [
@@ -350,13 +522,17 @@ def build_observation(
         ],
         "status": OBSERVATION_STATUS,
         "category": [_concept(OBSERVATION_CATEGORY_IMAGING)],
-        "code": _exam_code(reading.codind_code, reading.coding_display),
+        "code": _exam_concept(exam),
         "subject": _reference(reading.subject_ref),
         "encounter": _reference(f"Encounter/{encounter}"),
-        "effectiveDateTime": to_fhir_datetime(reading.period_start),
-        "issued": _fhir_instant(issued, reading.period_start, "issued"),
+    }
+    effective = _effective(reading, study)
+    if effective is not None:
+        observation["effectiveDateTime"] = effective
+    observation |= {
+        "issued": _issued(reading.reading_time, issued, "reading_time", "Observation.issued"),
         "performer": [
-            _reference(f"Practitioner/{reading.performer_id}", reading.performer_display),
+            _reference(f"Practitioner/{reading.radiologist_id}", reading.performer_display),
             _reference(f"Organization/{org_id}"),
         ],
         "basedOn": [_reference(f"ServiceRequest/{service_request}")],
@@ -375,16 +551,21 @@ def build_diagnostic_report(
     imaging_study_id: str | None = None,
     observation_id: str | None = None,
     issued: datetime | None = None,
+    site: SiteDefaults | None = None,
+    study: StudyFacts | None = None,
 ) -> JsonObject:
     """The radiology report: section RAD, the reading as its result, the study, the order, the conclusion.
 
     Performer is the radiologist and the organisation (as in the SATUSEHAT example). Ids passed here win over
-    the input's; `issued` defaults to `period_start` (see `build_observation`).
+    the input's; `issued` is the input's `report_time`, else the `issued` passed in; `effectiveDateTime` as in
+    `build_observation`.
     """
+    site = site or SiteDefaults()
     encounter = _linked_id("DiagnosticReport.encounter", encounter_id, report, "encounter_id")
     service_request = _linked_id("DiagnosticReport.basedOn", service_request_id, report, "service_request_id")
     imaging_study = _linked_id("DiagnosticReport.imagingStudy", imaging_study_id, report, "imaging_study_id")
     observation = _linked_id("DiagnosticReport.result", observation_id, report, "observation_id")
+    exam = resolve_exam(report, site, study)
     diagnostic_report: JsonObject = {
         "resourceType": "DiagnosticReport",
         "identifier": [
@@ -396,14 +577,18 @@ def build_diagnostic_report(
         ],
         "status": DIAGNOSTIC_REPORT_STATUS,
         "category": [_concept(DIAGNOSTIC_SECTION_RADIOLOGY)],
-        "code": _exam_code(report.codind_code, report.coding_display),
+        "code": _exam_concept(exam),
         "subject": _reference(report.subject_ref),
         "encounter": _reference(f"Encounter/{encounter}"),
-        "effectiveDateTime": to_fhir_datetime(report.period_start),
-        "issued": _fhir_instant(issued, report.period_start, "issued"),
-        "performer": [_reference(f"Practitioner/{report.performer_id}"), _reference(f"Organization/{org_id}")],
+    }
+    effective = _effective(report, study)
+    if effective is not None:
+        diagnostic_report["effectiveDateTime"] = effective
+    diagnostic_report |= {
+        "issued": _issued(report.report_time, issued, "report_time", "DiagnosticReport.issued"),
+        "performer": [_reference(f"Practitioner/{report.radiologist_id}"), _reference(f"Organization/{org_id}")],
         "imagingStudy": [_reference(f"ImagingStudy/{imaging_study}")],
-        "result": [_reference(f"Observation/{observation}", report.coding_display)],
+        "result": [_reference(f"Observation/{observation}", exam.display)],
         "basedOn": [_reference(f"ServiceRequest/{service_request}")],
         "conclusion": report.conclusion_text,
     }

@@ -10,17 +10,23 @@ Rules enforced here (each error names the field and the rule):
 
 * date-times: ISO 8601 with an offset, or naive = Asia/Jakarta local time; not before 2014-06-03; not in the
   future beyond 5 min of clock skew (see `models.timeutil`);
-* `period_end` after `period_start`; absent, it is `period_start` + 10 min like the existing gateway, but never
-  later than now (a default must not produce a future date the platform refuses; see `default_period_end`);
+* `period_end`, when given, after `period_start`; absent, the Encounter has no end (it is `arrived`, not
+  finished: SATUSEHAT wants an end only for a finished visit, rule 10121);
 * ACSN (`noacsn`, `accesionnum`): 1-16 printable ASCII characters (DICOM SH), no backslash, and none of the
   characters the DICOM Router would put unencoded into its search URL (see `ACSN_FORBIDDEN`);
 * identifier values non-empty; `*_id` fields are FHIR logical ids; `*_reference` fields are relative
-  references to the expected resource type (`Patient/<id>`, never an absolute URL: the router splits on `/`).
+  references to the expected resource type (`Patient/<id>`, never an absolute URL: the router splits on `/`);
+* id fields (`*_id`, `*_nik`, `identifier_value`, `noacsn`, ...) may come as JSON numbers, as the existing
+  gateway accepted them (`"individual_id": 10016869420`); free text may not;
+* each person may be named by IHS id, by reference, or by NIK (`subject_nik`, `individual_nik`,
+  `performer_nik`): a NIK is resolved to the IHS id before anything is sent (`tasks.fhir.resolve_people`).
 
-Defaults for fields the builders need that the old bodies lacked or left optional (each is documented at its
-field): `codind_code` 24648-8 "XR Chest PA upright", `modality` DX, `requester_reference` = the encounter's
-attending practitioner (batches), the ServiceRequest's performer = `performer_id` (batches 3/4), identifier
-values = the ACSN when `identifier_value` is absent (ServiceRequest, Observation, DiagnosticReport).
+Nothing clinical is filled in that the HIS did not send: the exam code comes from the body, the PACS study's
+modality (`EXAM_CODE_BY_MODALITY`) or the hospital's `DEFAULT_EXAM_CODE` (`models.fhir.resolve_exam`); the
+modality from the body or the PACS study; report times from the body or the flow's clock. Defaults kept from
+the existing gateway: `requester_reference` = the encounter's attending practitioner (batches), the
+ServiceRequest's performer = `performer_reference`, else `performer_id` (batches 3/4), else the configured
+`SERVICE_REQUEST_PERFORMER`; identifier values = the ACSN when `identifier_value` is absent.
 """
 
 from __future__ import annotations
@@ -28,14 +34,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import field as dataclass_field
+from datetime import datetime
 from functools import cache
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
@@ -48,19 +56,9 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 
 from models.settings import AeTitle
-from models.timeutil import SatusehatDateTime, context_now, to_fhir_datetime
+from models.timeutil import SatusehatDateTime, to_fhir_datetime
 
 # --- defaults ----------------------------------------------------------------------------------------------
-
-DEFAULT_ENCOUNTER_DURATION = timedelta(minutes=10)
-"""The existing gateway's `period_end` when none is given: start + 10 minutes."""
-
-MIN_ENCOUNTER_DURATION = timedelta(seconds=1)
-"""The shortest default period: `end > start` (rule 10173) at the second precision that is sent."""
-
-DEFAULT_EXAM_CODE = "24648-8"
-"""LOINC 'XR Chest PA upright', the exam in every example of the existing gateway's API docs. (Its code fell
-back to 79103-8 'CT Abdomen W contrast IV', which contradicted its hard-coded DX modality; not kept.)"""
 
 EXAM_DISPLAYS: Mapping[str, str] = {
     "24648-8": "XR Chest PA upright",
@@ -68,10 +66,19 @@ EXAM_DISPLAYS: Mapping[str, str] = {
 }
 """Display names for the LOINC codes the research saw in SATUSEHAT radiology payloads. A `codind_code`
 without `coding_display` takes its display from here; an unknown code is sent without a display rather
-than with a wrong one."""
+than with a wrong one. (No code is a default: see `models.fhir.resolve_exam`.)"""
 
-DEFAULT_MODALITY = "DX"
-"""DICOM modality of the order (`ServiceRequest.orderDetail`): the existing gateway always sent DX."""
+ENCOUNTER_CLASSES: Mapping[str, str] = {
+    "AMB": "ambulatory",
+    "IMP": "inpatient encounter",
+    "EMER": "emergency",
+}
+"""The v3-ActCode encounter classes SATUSEHAT uses for a hospital visit (satusehat.md §2.1: AMB, IMP for inpatients,
+EMER for the emergency department), with the v3-ActCode display."""
+
+DEFAULT_REASON_TEXT = "Periksa rutin"
+"""`ServiceRequest.reasonCode[0].text` when the HIS gives no `reason_text`: the existing gateway sent exactly this
+for every order, and HIS integrations built on it expect it back (field_notes.md)."""
 
 # --- value rules -------------------------------------------------------------------------------------------
 
@@ -85,9 +92,13 @@ ACSN_FORBIDDEN: Mapping[str, str] = {
     "#": "the DICOM Router puts the ACSN into its search URL unencoded, where '#' starts a fragment",
     "%": "the DICOM Router puts the ACSN into its search URL unencoded, where '%' starts an escape",
     "+": "the DICOM Router puts the ACSN into its search URL unencoded, where '+' means a space",
+    ",": "the DICOM Router puts the ACSN into its search unescaped, where ',' means OR (it would never match)",
+    "$": "the DICOM Router puts the ACSN into its search unescaped, where '$' separates a composite (no match)",
 }
 """Characters an ACSN must not contain, and why. The router inserts the accession raw into
-`ServiceRequest?identifier=…acsn/{org}|<ACSN>` (observed_contracts.md); only `|` is encoded."""
+`ServiceRequest?identifier=…acsn/{org}|<ACSN>` (observed_contracts.md); only `|` is encoded. FHIR search reads a
+raw `,` as OR and `$` as a composite separator, so the router searches for another value than the ACSN stored
+(which the gateway's own searches escape, `\\,`): such an order could never be linked (field_notes.md)."""
 
 DICOM_LO_MAX_LENGTH = 64
 """DICOM PatientID is LO: at most 64 characters."""
@@ -218,8 +229,8 @@ class Documented:
         return value
 
 
-ACSN_PATTERN = r"""^[!"$'-*,-\[\]-{}~]([ -"$'-*,-\[\]-{}~]*[!"$'-*,-\[\]-{}~])?$"""
-"""`check_acsn` as a regular expression: printable ASCII without `\\ | & # % +`, no padding spaces."""
+ACSN_PATTERN = r"""^[!"'-*\--\[\]-{}~]([ -"'-*\--\[\]-{}~]*[!"'-*\--\[\]-{}~])?$"""
+"""`check_acsn` as a regular expression: printable ASCII without `\\ | & # % + , $`, no padding spaces."""
 
 DICOM_LO_PATTERN = r"^[!-\[\]-~]([ -\[\]-~]*[!-\[\]-~])?$"
 """`check_dicom_lo` as a regular expression: printable ASCII without a backslash, no padding spaces."""
@@ -255,6 +266,18 @@ def reference_to(*resource_types: str) -> Any:
     return Annotated[str, StringConstraints(min_length=1), AfterValidator(check), Documented(pattern.pattern)]
 
 
+def _number_as_text(value: Any) -> Any:
+    """A JSON integer in an id field is its digits: the existing gateway passed `"individual_id": 10016869420`
+    through as it came, so HIS integrations send ids as numbers. Only integers (not booleans, not fractions)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+IdText = BeforeValidator(_number_as_text)
+"""Accept an id sent as a JSON integer (ids only: free text must be text)."""
+
+
 NonEmptyText = Annotated[str, StringConstraints(min_length=1), Documented(NON_BLANK_PATTERN)]
 """Free text (names, reading text): non-empty after stripping."""
 
@@ -281,19 +304,25 @@ def check_identifier_value(value: str) -> str:
 IdentifierValue = Annotated[
     str,
     StringConstraints(min_length=1, max_length=IDENTIFIER_MAX_LENGTH),
+    IdText,
     AfterValidator(check_identifier_value),
     Documented(IDENTIFIER_PATTERN),
 ]
 """A business identifier value (visit number, order number): one line of text, at most 64 characters."""
 
 FhirId = Annotated[
-    str, StringConstraints(min_length=1, max_length=64), AfterValidator(check_fhir_id), Documented(_FHIR_ID.pattern)
+    str,
+    StringConstraints(min_length=1, max_length=64),
+    IdText,
+    AfterValidator(check_fhir_id),
+    Documented(_FHIR_ID.pattern),
 ]
 """A FHIR logical id: an IHS number (P10443013727, 10016869420) or a server id (a UUID)."""
 
 Acsn = Annotated[
     str,
     StringConstraints(min_length=1, max_length=ACSN_MAX_LENGTH),
+    IdText,
     AfterValidator(check_acsn),
     Documented(ACSN_PATTERN),
 ]
@@ -312,8 +341,58 @@ DicomUid = Annotated[
 DicomPatientId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=DICOM_LO_MAX_LENGTH),
+    IdText,
     AfterValidator(check_dicom_lo),
     Documented(DICOM_LO_PATTERN),
+]
+
+NIK_LENGTH = 16
+_NIK = re.compile(r"^[0-9]{16}$")
+
+
+def check_nik(value: str) -> str:
+    """An Indonesian NIK: 16 digits. The value is never echoed (it identifies a person)."""
+    if not _NIK.match(value):
+        raise _error("nik", "must be a NIK: 16 digits (given {length} characters)", length=len(value))
+    return value
+
+
+Nik = Annotated[str, IdText, AfterValidator(check_nik), Documented(_NIK.pattern)]
+"""A person's NIK (Nomor Induk Kependudukan), looked up on the platform for the IHS id; may come as a number."""
+
+
+def check_encounter_class(value: str) -> str:
+    """One of SATUSEHAT's encounter classes (`ENCOUNTER_CLASSES`), upper-cased: 'amb' is AMB."""
+    code = value.upper()
+    if code not in ENCOUNTER_CLASSES:
+        raise _error(
+            "encounter_class",
+            "must be one of {allowed} (v3-ActCode, as SATUSEHAT uses them); got '{value}'",
+            allowed=", ".join(ENCOUNTER_CLASSES),
+            value=value,
+        )
+    return code
+
+
+@dataclass(frozen=True)
+class DocumentedValues:
+    """The accepted values as the schema's `enum` (documentation; the validator enforces them, case-insensitively)."""
+
+    values: tuple[str, ...]
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        value = handler(schema)
+        value["enum"] = list(self.values)
+        return value
+
+
+EncounterClass = Annotated[
+    str,
+    StringConstraints(min_length=1),
+    AfterValidator(check_encounter_class),
+    DocumentedValues(tuple(ENCOUNTER_CLASSES)),
 ]
 
 PatientReference = reference_to("Patient")
@@ -333,16 +412,14 @@ def _one_of_missing(field: str, alternative: str, why: str) -> PydanticCustomErr
     )
 
 
-def default_period_end(start: datetime, now: datetime) -> datetime:
-    """`start` + 10 min, but not later than `now` (and never before `start` + 1 s).
+class UnresolvedNik(ValueError):
+    """A person named only by NIK was used before `tasks.fhir.resolve_people` looked the NIK up."""
 
-    The existing gateway always added 10 minutes; for a visit that started a moment ago that lands in the
-    future, which SATUSEHAT refuses. Clamping to 'now' keeps the default inside the rules it enforces.
-    """
-    end = start + DEFAULT_ENCOUNTER_DURATION
-    if end > now:
-        end = max(now.replace(microsecond=0), start + MIN_ENCOUNTER_DURATION)
-    return end
+
+def _resolved(value: str | None, nik_field: str) -> str:
+    if value is None:
+        raise UnresolvedNik(f"{nik_field} has not been resolved to an IHS id yet (tasks.fhir.resolve_people)")
+    return value
 
 
 # --- the base ----------------------------------------------------------------------------------------------
@@ -353,14 +430,14 @@ class GatewayInput(BaseModel):
 
     model_config = ConfigDict(frozen=True, str_strip_whitespace=True, extra="ignore", use_attribute_docstrings=True)
 
-    one_of_required: ClassVar[tuple[tuple[str, str], ...]] = ()
-    """Pairs of optional fields of which one must be given (enforced by the field validators). The HIS API states
+    one_of_required: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    """Groups of optional fields of which one must be given (enforced by the field validators). The HIS API states
     them in its OpenAPI document (api/app.py); they stay out of the model's own JSON Schema, which is also the
     parameter schema of the flows, because the Prefect UI's run form cannot render `allOf` and falls back to raw
     JSON."""
 
     @classmethod
-    def required_pairs(cls) -> list[tuple[str, str]]:
+    def required_pairs(cls) -> list[tuple[str, ...]]:
         """`one_of_required` of this model and every base, each pair once, in definition order."""
         return list(dict.fromkeys(pair for base in cls.__mro__ for pair in vars(base).get("one_of_required", ())))
 
@@ -402,12 +479,16 @@ class IdentifierFields(GatewayInput):
 
 
 class SubjectFields(GatewayInput):
-    """The patient: `subject_reference` ('Patient/<IHS>') wins over `subject_id` (the IHS number)."""
+    """The patient: `subject_reference` ('Patient/<IHS>') wins over `subject_id` (the IHS number), which wins over
+    `subject_nik` (looked up on the platform before anything is sent, `tasks.fhir.resolve_people`)."""
 
-    one_of_required = (("subject_id", "subject_reference"),)
+    one_of_required = (("subject_id", "subject_reference", "subject_nik"),)
 
     subject_reference: PatientReference | None = None
     """Full reference 'Patient/<IHS>' (overrides subject_id)."""
+    subject_nik: Nik | None = Field(default=None, repr=False)
+    """New, optional: the patient's NIK, when the HIS does not hold the IHS number; resolved by the platform's
+    Patient search by NIK. Never logged."""
     subject_id: FhirId | None = Field(default=None, validate_default=True)
     """The patient's IHS number, e.g. P10443013727 (sent as 'Patient/<id>')."""
     subject_display: NonEmptyText | None = Field(default=None, exclude=True, repr=False)
@@ -417,22 +498,27 @@ class SubjectFields(GatewayInput):
     @field_validator("subject_id")
     @classmethod
     def _subject_given(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None and info.data.get("subject_reference") is None:
-            raise _one_of_missing("subject_id", "subject_reference", "every resource names its patient")
+        if value is None and info.data.get("subject_reference") is None and info.data.get("subject_nik") is None:
+            raise _one_of_missing("subject_id", "subject_reference or subject_nik", "every resource names its patient")
         return value
 
     @property
     def subject_ref(self) -> str:
-        return self.subject_reference or f"Patient/{self.subject_id}"
+        if self.subject_reference is not None:
+            return self.subject_reference
+        return f"Patient/{_resolved(self.subject_id, 'subject_nik')}"
 
 
 class AttenderFields(GatewayInput):
-    """The encounter's attending practitioner: `individual_reference` wins over `individual_id`."""
+    """The encounter's attending practitioner: `individual_reference` wins over `individual_id`, which wins over
+    `individual_nik` (resolved before anything is sent)."""
 
-    one_of_required = (("individual_id", "individual_reference"),)
+    one_of_required = (("individual_id", "individual_reference", "individual_nik"),)
 
     individual_reference: PractitionerReference | None = None
     """Full reference 'Practitioner/<IHS>' (overrides individual_id)."""
+    individual_nik: Nik | None = Field(default=None, repr=False)
+    """New, optional: the attending practitioner's NIK, resolved by the platform's Practitioner search by NIK."""
     individual_id: FhirId | None = Field(default=None, validate_default=True)
     """The attending practitioner's IHS number (sent as 'Practitioner/<id>')."""
     individual_display: NonEmptyText | None = None
@@ -440,15 +526,19 @@ class AttenderFields(GatewayInput):
     @field_validator("individual_id")
     @classmethod
     def _individual_given(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None and info.data.get("individual_reference") is None:
+        if value is None and info.data.get("individual_reference") is None and info.data.get("individual_nik") is None:
             raise _one_of_missing(
-                "individual_id", "individual_reference", "SATUSEHAT rule 10119: Encounter.participant.individual"
+                "individual_id",
+                "individual_reference or individual_nik",
+                "SATUSEHAT rule 10119: Encounter.participant.individual",
             )
         return value
 
     @property
     def attender_ref(self) -> str:
-        return self.individual_reference or f"Practitioner/{self.individual_id}"
+        if self.individual_reference is not None:
+            return self.individual_reference
+        return f"Practitioner/{_resolved(self.individual_id, 'individual_nik')}"
 
 
 class LocationFields(GatewayInput):
@@ -467,24 +557,32 @@ class LocationFields(GatewayInput):
         return None if self.location_id is None else f"Location/{self.location_id}"
 
 
+class EncounterClassFields(GatewayInput):
+    encounter_class: EncounterClass | None = None
+    """New, optional: the visit's class, one of SATUSEHAT's v3-ActCode codes AMB (outpatient), IMP (inpatient),
+    EMER (emergency department); absent = the gateway's ENCOUNTER_CLASS setting (default AMB, what the existing
+    gateway always sent)."""
+
+
 class StartFields(GatewayInput):
     period_start: SatusehatDateTime
     """When it happened. Encounter: period.start; ServiceRequest: occurrence and authoredOn (as the existing
-    gateway did); Observation/DiagnosticReport: effectiveDateTime (and issued unless the caller gives one)."""
+    gateway did); standalone Observation/DiagnosticReport (and batch2): effectiveDateTime when the PACS study's
+    time is not known (see `models.fhir.build_observation`)."""
 
 
 class PeriodFields(StartFields):
     period_end: SatusehatDateTime | None = Field(default=None, validate_default=True)
-    """Encounter period end: must be after `period_start`; absent = `default_period_end(period_start, now)`."""
+    """Encounter period end: must be after `period_start`. Absent, the Encounter has none: it is registered as
+    `arrived`, and SATUSEHAT wants an end only once a visit is finished (rule 10121). (The existing gateway made
+    up start + 10 min; not kept.)"""
 
     @field_validator("period_end")
     @classmethod
     def _end_after_start(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
         start = info.data.get("period_start")
-        if start is None:  # period_start itself failed and says why
+        if start is None or value is None:  # period_start itself failed and says why; no end is no end
             return value
-        if value is None:
-            return default_period_end(start, context_now(info))
         if value <= start:
             raise _error(
                 "period_order",
@@ -494,18 +592,12 @@ class PeriodFields(StartFields):
             )
         return value
 
-    @property
-    def encounter_end(self) -> datetime:
-        """The end that is sent (validation has filled in the default)."""
-        return self.period_end if self.period_end is not None else self.period_start + DEFAULT_ENCOUNTER_DURATION
-
 
 class ExamFields(GatewayInput):
-    codind_code: LoincCode = Field(
-        default=DEFAULT_EXAM_CODE, validation_alias=AliasChoices("codind_code", "coding_code")
-    )
+    codind_code: LoincCode | None = Field(default=None, validation_alias=AliasChoices("codind_code", "coding_code"))
     """The exam's LOINC code (the old name's typo kept; `coding_code`, which the old ServiceRequest read, is
-    accepted too). Default `DEFAULT_EXAM_CODE`."""
+    accepted too). Absent: the PACS study's modality through EXAM_CODE_BY_MODALITY, else DEFAULT_EXAM_CODE; with
+    neither, the order is refused (`models.fhir.resolve_exam`). No exam is assumed."""
 
     coding_display: NonEmptyText | None = Field(default=None, validate_default=True)
     """Display of the exam code; absent = `EXAM_DISPLAYS[codind_code]` when the code is listed there."""
@@ -524,22 +616,29 @@ class OrderFields(ExamFields):
 
     noacsn: Acsn
     """The accession number (ACSN) of the order: the DICOM study must carry the same AccessionNumber."""
+    requester_nik: Nik | None = Field(default=None, repr=False)
+    """New, optional: the ordering practitioner's NIK (→ 'Practitioner/<IHS>'), when requester_reference is absent."""
     requester_reference: AgentReference | None = None
     requester_display: NonEmptyText | None = None
     performer_reference: AgentReference | None = None
+    performer_nik: Nik | None = Field(default=None, repr=False)
+    """New, optional: the performing practitioner's (radiologist's) NIK, when no reference or id names them."""
     performer_display: NonEmptyText | None = None
-    modality: Modality = DEFAULT_MODALITY
-    """DICOM modality code for `orderDetail` (new field; the existing gateway always sent DX)."""
+    modality: Modality | None = None
+    """DICOM modality code for `orderDetail` (new field). Absent: the PACS study's modality when the flow has the
+    study (batch4), else no modality orderDetail (the existing gateway always sent DX, whatever the study)."""
     ae_title: AeTitle | None = None
     """New, optional: the modality's AE title, sent as an `orderDetail` coding of system ae-title. The old
     gateway hard-coded 'DX0001'; without a real value it is left out."""
     reason_text: NonEmptyText | None = None
-    """New, optional: `reasonCode[0].text`. The old gateway always sent 'Periksa rutin'; a reason the HIS did
-    not give is not invented."""
+    """New, optional: `reasonCode[0].text`; absent = 'Periksa rutin', what the existing gateway sent for every
+    order (`DEFAULT_REASON_TEXT`)."""
 
     @property
     def requester_ref(self) -> str | None:
         """Who ordered the exam (`ServiceRequest.requester`)."""
+        if self.requester_reference is None and self.requester_nik is not None:
+            _resolved(None, "requester_nik")
         return self.requester_reference
 
     @property
@@ -548,7 +647,9 @@ class OrderFields(ExamFields):
 
     @property
     def order_performer_ref(self) -> str | None:
-        """Who performs the exam (`ServiceRequest.performer`), if known."""
+        """Who performs the exam (`ServiceRequest.performer`), if the HIS said; else the configured performer."""
+        if self.performer_reference is None and self.performer_nik is not None:
+            _resolved(None, "performer_nik")
         return self.performer_reference
 
     @property
@@ -556,20 +657,49 @@ class OrderFields(ExamFields):
         return self.performer_display
 
 
-class ReadingFields(ExamFields):
+class RadiologistFields(GatewayInput):
+    """The radiologist: `performer_id` (IHS number), or `performer_nik` resolved before anything is sent."""
+
+    one_of_required = (("performer_id", "performer_nik"),)
+
+    performer_nik: Nik | None = Field(default=None, repr=False)
+    """New, optional: the radiologist's NIK, resolved by the platform's Practitioner search by NIK."""
+    performer_id: FhirId | None = Field(default=None, validate_default=True)
+    """The radiologist's IHS number: performer of the Observation and the DiagnosticReport."""
+
+    @field_validator("performer_id")
+    @classmethod
+    def _radiologist_given(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("performer_nik") is None:
+            raise _one_of_missing(
+                "performer_id", "performer_nik", "SATUSEHAT rules 10383/10384: a Practitioner performs the reading"
+            )
+        return value
+
+    @property
+    def radiologist_id(self) -> str:
+        """The radiologist's IHS number (after `resolve_people` when only the NIK was given)."""
+        return _resolved(self.performer_id, "performer_nik")
+
+
+class ReadingFields(ExamFields, RadiologistFields):
     """The radiologist's reading (Observation)."""
 
-    performer_id: FhirId
-    """The radiologist's IHS number: performer of the Observation and the DiagnosticReport."""
     performer_display: NonEmptyText | None = None
     performer_value: NonEmptyText
     """The reading text (`Observation.valueString`)."""
+    reading_time: SatusehatDateTime | None = None
+    """New, optional: when the radiologist's reading was made available, `Observation.issued`. Absent: the time
+    the gateway posts it."""
 
 
 class ConclusionFields(GatewayInput):
     conclusion_text: NonEmptyText
     """`DiagnosticReport.conclusion`. Required: SATUSEHAT rule 10074 wants conclusion or conclusionCode, and
     the input has no coded conclusion (the old gateway sent an empty string, which is not valid FHIR)."""
+    report_time: SatusehatDateTime | None = None
+    """New, optional: when the report was signed and released, `DiagnosticReport.issued`. Absent: the time the
+    gateway posts it."""
 
 
 class ResultLinkFields(GatewayInput):
@@ -595,9 +725,11 @@ def _identifier_or_acsn(value: str | None, info: ValidationInfo) -> str | None:
 # --- the request bodies ------------------------------------------------------------------------------------
 
 
-class EncounterInput(IdentifierFields, SubjectFields, AttenderFields, PeriodFields, LocationFields):
-    """POST /encounter. Required: identifier_value, subject (id or reference), individual (id or reference),
-    period_start. The Encounter is registered as `arrived`, ambulatory."""
+class EncounterInput(
+    IdentifierFields, SubjectFields, AttenderFields, PeriodFields, LocationFields, EncounterClassFields
+):
+    """POST /encounter. Required: identifier_value, subject (id, reference or NIK), individual (id, reference or
+    NIK), period_start. The Encounter is registered as `arrived`, of class `encounter_class` (default AMB)."""
 
     identifier_value: IdentifierValue
     """The visit/registration number: the Encounter is found again by it, so it cannot be derived."""
@@ -607,9 +739,20 @@ class ServiceRequestInput(IdentifierFields, SubjectFields, StartFields, OrderFie
     """POST /service-req. Required: noacsn, subject_id, encounter_id, period_start, requester_reference.
     identifier_value is optional: absent, the order's identifier value is the ACSN."""
 
+    one_of_required = (("requester_reference", "requester_nik"),)
+
     encounter_id: FhirId
-    requester_reference: AgentReference
-    """Required (SATUSEHAT rule 10376); batches fall back to the encounter's practitioner instead."""
+
+    requester_reference: AgentReference | None = Field(default=None, validate_default=True)
+    """Required unless requester_nik is given (SATUSEHAT rule 10376); batches fall back to the encounter's
+    practitioner instead."""
+
+    @field_validator("requester_reference")
+    @classmethod
+    def _requester_given(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("requester_nik") is None:
+            raise _one_of_missing("requester_reference", "requester_nik", "SATUSEHAT rule 10376")
+        return value
 
 
 class Batch1Input(EncounterInput, OrderFields):
@@ -618,7 +761,9 @@ class Batch1Input(EncounterInput, OrderFields):
 
     @property
     def requester_ref(self) -> str | None:
-        return self.requester_reference or self.attender_ref
+        if self.requester_reference is None and self.requester_nik is None:
+            return self.attender_ref
+        return super().requester_ref
 
     @property
     def requester_name(self) -> str | None:
@@ -643,14 +788,15 @@ class Batch2Input(ObservationInput, ConclusionFields):
     """POST /batch2: Observation + DiagnosticReport (the report's result is the Observation just created)."""
 
 
-class DiagnosticReportInput(IdentifierFields, SubjectFields, StartFields, ExamFields, ConclusionFields):
+class DiagnosticReportInput(
+    IdentifierFields, SubjectFields, StartFields, ExamFields, RadiologistFields, ConclusionFields
+):
     """POST /conclusion. Required: subject_id, encounter_id, period_start, performer_id, imaging_study_id,
     observation_id, service_request_id, conclusion_text, and identifier_value or noacsn."""
 
     one_of_required = (("noacsn", "identifier_value"),)
 
     encounter_id: FhirId
-    performer_id: FhirId
     imaging_study_id: FhirId
     observation_id: FhirId
     service_request_id: FhirId
@@ -670,7 +816,7 @@ class Batch3Input(Batch1Input, ReadingFields, ConclusionFields):
 
     @property
     def order_performer_ref(self) -> str | None:
-        return self.performer_reference or f"Practitioner/{self.performer_id}"
+        return self.performer_reference or f"Practitioner/{self.radiologist_id}"
 
 
 class Batch4Input(Batch3Input):
@@ -725,3 +871,68 @@ class DicomProcessInput(GatewayInput):
                 "accesionnum", "study", "without a Study Instance UID the study is looked up by accession number"
             )
         return value
+
+
+G = TypeVar("G", bound="GatewayInput")
+
+# --- people named by NIK -----------------------------------------------------------------------------------
+
+NIK_FIELDS: Mapping[str, str] = {
+    "subject_nik": "Patient",
+    "individual_nik": "Practitioner",
+    "performer_nik": "Practitioner",
+    "requester_nik": "Practitioner",
+}
+"""Each NIK field and the platform resource its NIK is searched in."""
+
+
+@dataclass(frozen=True)
+class NikLookup:
+    """One NIK to look up: the field it came in (for error messages) and where to search. `nik` is not printed."""
+
+    nik_field: str
+    resource_type: str
+    nik: str = dataclass_field(repr=False)
+
+
+def nik_lookups(payload: GatewayInput) -> list[NikLookup]:
+    """The NIKs of `payload` that must be looked up: those of people it names by NIK only (an IHS id or a
+    reference given beside a NIK wins, and that NIK is not looked up)."""
+    lookups = []
+    for nik_field, resource_type in NIK_FIELDS.items():
+        nik = getattr(payload, nik_field, None)
+        if nik is not None and _nik_target(payload, nik_field) is not None:
+            lookups.append(NikLookup(nik_field, resource_type, nik))
+    return lookups
+
+
+def with_people(payload: G, ihs_ids: Mapping[str, str]) -> G:
+    """`payload` with each looked-up NIK (`ihs_ids`: NIK field → IHS id) put where the IHS id goes, and every NIK
+    field cleared, so the NIK goes no further than the lookup (no run record, artifact or log carries it)."""
+    update: dict[str, Any] = {name: None for name in NIK_FIELDS if name in type(payload).model_fields}
+    for nik_field, ihs_id in ihs_ids.items():
+        target = _nik_target(payload, nik_field)
+        if target is None:
+            continue
+        check_fhir_id(ihs_id)
+        update[target] = ihs_id if target.endswith("_id") else f"{NIK_FIELDS[nik_field]}/{ihs_id}"
+    return payload.model_copy(update=update)
+
+
+def _nik_target(payload: GatewayInput, nik_field: str) -> str | None:
+    """The field a NIK's IHS id fills, or None when the payload already names that person otherwise."""
+    fields = type(payload).model_fields
+    candidates = {
+        "subject_nik": ("subject_id", ("subject_reference", "subject_id")),
+        "individual_nik": ("individual_id", ("individual_reference", "individual_id")),
+        "requester_nik": ("requester_reference", ("requester_reference",)),
+        "performer_nik": (
+            ("performer_id", ("performer_id",))
+            if "performer_id" in fields
+            else ("performer_reference", ("performer_reference",))
+        ),
+    }
+    target, given = candidates[nik_field]
+    if target not in fields or any(getattr(payload, name, None) is not None for name in given):
+        return None
+    return target

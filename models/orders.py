@@ -146,8 +146,9 @@ class RadiologyOrder(SQLModel, table=True):
     """The encounter's attending practitioner (batches 1, 3, 4)."""
     performer_practitioner_id: str | None = Field(default=None, max_length=FHIR_ID_LENGTH)
     """The radiologist who reads the exam (batches 2, 3, 4)."""
-    exam_code: str = Field(max_length=EXAM_CODE_LENGTH, nullable=False)
-    """LOINC code of the exam (the input's default applied)."""
+    exam_code: str | None = Field(default=None, max_length=EXAM_CODE_LENGTH)
+    """LOINC code of the exam when the order names one (`codind_code`); else none: the exam is then decided when
+    the order runs, from the PACS study's modality or the hospital's DEFAULT_EXAM_CODE (no exam is assumed)."""
     study_instance_uid: str | None = Field(default=None, max_length=DICOM_UID_LENGTH)
     """The PACS study (batch 4 only: batch 3 finds the ImagingStudy by ACSN, batches 1 and 2 have none)."""
     batch: int = Field(nullable=False)

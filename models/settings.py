@@ -7,6 +7,7 @@ LOG_FILE mean what they meant there. Everything added since has a default that s
 
 from __future__ import annotations
 
+import re
 import tempfile
 from datetime import tzinfo
 from functools import lru_cache
@@ -23,6 +24,18 @@ AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-
 
 
 S = TypeVar("S", bound=BaseSettings)
+
+_AGENT_REFERENCE = re.compile(r"^(Organization|Practitioner|PractitionerRole)/[A-Za-z0-9\-.]{1,64}$")
+
+
+def _loinc(code: str) -> str:
+    """A LOINC code with a valid check digit (models.inputs.check_loinc; imported late: inputs imports this)."""
+    from models.inputs import check_loinc
+
+    try:
+        return check_loinc(code)
+    except ValueError:
+        raise ValueError(f"{code!r} is not a LOINC code with a valid check digit (e.g. 24648-8)") from None
 
 
 class Settings(BaseSettings):
@@ -62,6 +75,28 @@ class Settings(BaseSettings):
     ss_timeout_s: float = Field(default=30.0, gt=0, alias="SS_TIMEOUT_S")
     ss_max_requests_per_second: float | None = Field(default=None, gt=0, alias="SS_MAX_RPS")
 
+    # What the hospital chose for the gaps in an order (docs/his-integration.md, "What the gateway fills in").
+    service_request_performer: str | None = Field(
+        default=None,
+        alias="SERVICE_REQUEST_PERFORMER",
+        description="ServiceRequest.performer when the HIS names none: 'Organization/<id>', 'Practitioner/<IHS>' "
+        "or 'PractitionerRole/<id>'; unset = Organization/{SS_ORG_ID} (the radiology department's organisation)",
+    )
+    encounter_class: Literal["AMB", "IMP", "EMER"] = Field(default="AMB", alias="ENCOUNTER_CLASS")
+    """Encounter.class when the HIS sends no `encounter_class`: AMB (the existing gateway's constant), IMP, EMER."""
+    default_exam_code: str | None = Field(
+        default=None,
+        alias="DEFAULT_EXAM_CODE",
+        description="LOINC code of the exam an order is for when neither the HIS body (codind_code) nor "
+        "EXAM_CODE_BY_MODALITY gives one; unset = such an order is refused",
+    )
+    exam_code_by_modality: dict[str, str] = Field(
+        default_factory=dict,
+        alias="EXAM_CODE_BY_MODALITY",
+        description='JSON object, DICOM modality → LOINC exam code, e.g. {"CT": "24725-4", "DX": "36643-5"}: the '
+        "exam of an order without codind_code, from the PACS study's modality",
+    )
+
     # ImagingStudy appears only after the router has processed the association.
     imaging_study_deadline_s: float = Field(default=300.0, gt=0, alias="IMAGING_STUDY_DEADLINE_S")
 
@@ -75,6 +110,38 @@ class Settings(BaseSettings):
         if not value.get_secret_value():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("service_request_performer")
+    @classmethod
+    def _performer_reference(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not _AGENT_REFERENCE.match(value.strip()):
+            raise ValueError(
+                "must be a relative reference 'Organization/<id>', 'Practitioner/<id>' or 'PractitionerRole/<id>'"
+            )
+        return value.strip()
+
+    @field_validator("default_exam_code")
+    @classmethod
+    def _default_exam_is_loinc(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return _loinc(value.strip())
+
+    @field_validator("exam_code_by_modality")
+    @classmethod
+    def _exam_table(cls, value: dict[str, str]) -> dict[str, str]:
+        from models.inputs import check_modality
+
+        table: dict[str, str] = {}
+        for modality, code in value.items():
+            try:
+                key = check_modality(modality.strip())
+            except ValueError:
+                raise ValueError(f"{modality!r} is not a DICOM acquisition modality code (CID 29)") from None
+            table[key] = _loinc(code.strip())
+        return table
 
     @property
     def pacs_root(self) -> str:

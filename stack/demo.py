@@ -176,6 +176,10 @@ class Demo:
             "SS_ORG_ID": config.org_id,
             "SS_CLIENT_ID": config.client_id,
             "SS_CLIENT_SECRET": config.client_secret,
+            # The hospital's exam code settings: the demo's study is a CT of no named body region, and its order
+            # (the existing gateway's batch4 example) carries no codind_code.
+            "EXAM_CODE_BY_MODALITY": json.dumps({"CT": DEMO_EXAM_CODE}),
+            "DEFAULT_EXAM_CODE": DEMO_EXAM_CODE,
             "RIS_DATABASE_URL": f"sqlite:///{self.state_dir / 'ris.db'}",
             "TEMP_DIR": str(self.state_dir / "tmp"),
             "LOG_FILE": str(self.state_dir / "gateway.log"),
@@ -261,6 +265,9 @@ class Demo:
             return None
         return f"{self.prefect.ui_url}/runs/flow-run/{runs[0]['id']}" if runs else None
 
+
+DEMO_EXAM_CODE = "25045-6"
+"""LOINC 'CT unspecified body region': the demo's synthetic CT study names no body region."""
 
 DEMO_PATIENT, DEMO_REFERRER, DEMO_RADIOLOGIST = "P10443013727", "10016869420", "10000504193"
 DEMO_REGISTRY = {

@@ -31,15 +31,20 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
 from pydantic import BaseModel
 
-from clients.errors import FhirRejected, ImagingStudyNotReady, Retryable
+from clients.errors import FhirRejected, ImagingStudyNotReady, Rejected, Retryable
 from models import fhir
-from models.fhir import DICOM_UID_SYSTEM, IdentifierKind, identifier_system
+from models.fhir import DICOM_UID_SYSTEM, IdentifierKind, IncompleteOrder, SiteDefaults, StudyFacts, identifier_system
 from models.inputs import (
     DiagnosticReportInput,
     EncounterInput,
+    GatewayInput,
     ObservationInput,
     ServiceRequestInput,
+    UnresolvedNik,
+    nik_lookups,
+    with_people,
 )
+from models.timeutil import utc_now
 from tasks import runtime
 from tasks.events import HalfwayAlarm
 from tasks.retry import FHIR_RETRIES, FHIR_RETRY_DELAYS_S, JITTER, honour_retry_after, retry_when_retryable
@@ -117,6 +122,19 @@ FHIR_TASK: dict[str, Any] = {
 }
 
 
+def _site() -> SiteDefaults:
+    """The hospital's configured defaults (ENCOUNTER_CLASS, SERVICE_REQUEST_PERFORMER, exam code settings)."""
+    return SiteDefaults.from_settings(runtime.settings())
+
+
+def _build(builder: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run a builder; an input it cannot complete (no exam code, an unresolved NIK) is Rejected, not retried."""
+    try:
+        return builder(*args, **kwargs)
+    except (IncompleteOrder, UnresolvedNik) as error:
+        raise Rejected(str(error)) from None
+
+
 async def _create_or_revise(resource: dict[str, Any]) -> dict[str, Any]:
     """Create, adopt (same order, same content) or revise (same order, corrected content) the resource;
     returns `Posted`: its id, what was done, and for a revision the elements replaced and the previous version."""
@@ -145,13 +163,23 @@ async def _create_or_revise(resource: dict[str, Any]) -> dict[str, Any]:
 )
 async def post_encounter(visit: EncounterInput) -> Posted:
     """Create, adopt or revise the Encounter; returns `Posted` (its id and what was done)."""
-    return await _create_or_revise(fhir.build_encounter(visit, runtime.settings().ss_org_id))
+    return await _create_or_revise(_build(fhir.build_encounter, visit, runtime.settings().ss_org_id, site=_site()))
 
 
 @task(name="post-service-request", cache_key_fn=_order_key("ServiceRequest"), **FHIR_TASK)
-async def post_service_request(order: ServiceRequestInput, encounter_id: str | None = None) -> Posted:
-    """Create, adopt or revise the ServiceRequest carrying the ACSN; it must exist before DICOM is sent."""
-    resource = fhir.build_service_request(order, runtime.settings().ss_org_id, encounter_id=encounter_id)
+async def post_service_request(
+    order: ServiceRequestInput, encounter_id: str | None = None, study: StudyFacts | None = None
+) -> Posted:
+    """Create, adopt or revise the ServiceRequest carrying the ACSN; it must exist before DICOM is sent.
+    `study` (batch4: the PACS study) gives the modality, the exam through EXAM_CODE_BY_MODALITY, and the UID."""
+    resource = _build(
+        fhir.build_service_request,
+        order,
+        runtime.settings().ss_org_id,
+        encounter_id=encounter_id,
+        site=_site(),
+        study=study,
+    )
     return await _create_or_revise(resource)
 
 
@@ -161,14 +189,20 @@ async def post_observation(
     encounter_id: str | None = None,
     service_request_id: str | None = None,
     imaging_study_id: str | None = None,
+    study: StudyFacts | None = None,
 ) -> Posted:
-    """Create, adopt or revise (a corrected reading: `amended`) the Observation holding the radiologist's reading."""
-    resource = fhir.build_observation(
+    """Create, adopt or revise (a corrected reading: `amended`) the Observation holding the radiologist's reading.
+    `issued` is the HIS's `reading_time`, else now; `effectiveDateTime` the study's time when `study` knows it."""
+    resource = _build(
+        fhir.build_observation,
         reading,
         runtime.settings().ss_org_id,
         encounter_id=encounter_id,
         service_request_id=service_request_id,
         imaging_study_id=imaging_study_id,
+        issued=utc_now(),
+        site=_site(),
+        study=study,
     )
     return await _create_or_revise(resource)
 
@@ -180,15 +214,21 @@ async def post_diagnostic_report(
     service_request_id: str | None = None,
     imaging_study_id: str | None = None,
     observation_id: str | None = None,
+    study: StudyFacts | None = None,
 ) -> Posted:
-    """Create, adopt or revise (a corrected conclusion: `amended`) the DiagnosticReport."""
-    resource = fhir.build_diagnostic_report(
+    """Create, adopt or revise (a corrected conclusion: `amended`) the DiagnosticReport. `issued` is the HIS's
+    `report_time`, else now; `effectiveDateTime` the study's time when `study` knows it."""
+    resource = _build(
+        fhir.build_diagnostic_report,
         report,
         runtime.settings().ss_org_id,
         encounter_id=encounter_id,
         service_request_id=service_request_id,
         imaging_study_id=imaging_study_id,
         observation_id=observation_id,
+        issued=utc_now(),
+        site=_site(),
+        study=study,
     )
     return await _create_or_revise(resource)
 
@@ -312,3 +352,35 @@ def _imaging_summary(resource: dict[str, Any]) -> dict[str, Any]:
 async def read_resource(resource_type: str, resource_id: str) -> dict[str, Any]:
     """The resource as the platform holds it (what the single-resource endpoints answer with)."""
     return await call(runtime.satusehat().read, resource_type, resource_id)
+
+
+P = TypeVar("P", bound=GatewayInput)
+
+
+@task(
+    name="resolve-people",
+    retries=FHIR_RETRIES,
+    retry_delay_seconds=FHIR_RETRY_DELAYS_S,
+    retry_jitter_factor=JITTER,
+    retry_condition_fn=retry_when_retryable,
+    persist_result=False,
+)
+async def resolve_people(payload: P) -> P:
+    """The payload with every person named only by NIK (`subject_nik`, `individual_nik`, `performer_nik`,
+    `requester_nik`) named by IHS id, through the platform's Patient / Practitioner search by NIK; the NIK fields
+    cleared. Call it before the Encounter: an unknown NIK is Rejected naming its field, before anything exists.
+    Not persisted or cached by Prefect (the client caches the answers in-process; the NIK is never logged)."""
+    lookups = nik_lookups(payload)
+    if not lookups:
+        return with_people(payload, {})
+    client = runtime.satusehat()
+    found: dict[str, str] = {}
+    for lookup in lookups:
+        ihs_id = await call(client.ihs_id_by_nik, lookup.resource_type, lookup.nik)
+        if ihs_id is None:
+            raise Rejected(
+                f"{lookup.nik_field}: SATUSEHAT knows no {lookup.resource_type} with this NIK (the NIK is not "
+                f"shown here); check it in the HIS, or send the IHS id instead"
+            )
+        found[lookup.nik_field] = ihs_id
+    return with_people(payload, found)

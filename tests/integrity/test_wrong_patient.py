@@ -26,6 +26,7 @@ from models import fhir
 from models.inputs import Batch1Input, Batch4Input
 from models.orders import DEAD
 from models.settings import RisSettings, load_settings
+from tasks import runtime
 from tasks.ris import reset_stores
 from tests.api.conftest import API_KEY, api_settings
 from tests.integrity.links import record
@@ -59,8 +60,9 @@ async def _first_order(gateway: Gateway, warm: bool, body: dict[str, Any]) -> di
         return await batch1(Batch1Input.model_validate(body))
     order = Batch1Input.model_validate(body)
     store = gateway.simulator.running.platform.store
-    encounter = store.create(fhir.build_encounter(order, ORG_ID))
-    service_request = store.create(fhir.build_service_request(order, ORG_ID, encounter_id=encounter["id"]))
+    site = fhir.SiteDefaults.from_settings(runtime.settings())  # the hospital's exam code, as the flow uses it
+    encounter = store.create(fhir.build_encounter(order, ORG_ID, site=site))
+    service_request = store.create(fhir.build_service_request(order, ORG_ID, encounter_id=encounter["id"], site=site))
     return {"encounter_id": encounter["id"], "service_request_id": service_request["id"]}
 
 

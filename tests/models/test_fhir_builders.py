@@ -88,6 +88,8 @@ SERVICE_REQUEST = ServiceRequestInput.model_validate(
         "performer_reference": "Practitioner/10000504193",
         "performer_display": "dr. Rini Susanti, Sp.Rad",
         "reason_text": "Periksa risiko adanya penyakit TB",
+        "codind_code": "24648-8",
+        "modality": "DX",
     },
     context=CONTEXT,
 )
@@ -102,6 +104,7 @@ OBSERVATION = ObservationInput.model_validate(
         "performer_value": "Tidak tampak kelainan",
         "service_request_id": SERVICE_REQUEST_ID,
         "imaging_study_id": IMAGING_STUDY_ID,
+        "codind_code": "24648-8",
     },
     context=CONTEXT,
 )
@@ -116,6 +119,7 @@ DIAGNOSTIC_REPORT = DiagnosticReportInput.model_validate(
         "observation_id": OBSERVATION_ID,
         "service_request_id": SERVICE_REQUEST_ID,
         "conclusion_text": "Tidak tampak bercak pada kedua lapangan paru",
+        "codind_code": "24648-8",
     },
     context=CONTEXT,
 )
@@ -130,16 +134,20 @@ BATCH4 = Batch4Input.model_validate(
         "performer_value": "Tidak tampak kelainan",
         "conclusion_text": "Tidak tampak bercak pada kedua lapangan paru",
         "study": "1.2.840.113619.2.55.3.604688433.783.159975",
+        "codind_code": "24648-8",
     },
     context=CONTEXT,
 )
+POSTED = datetime(2025, 8, 1, 5, 57, 41, tzinfo=UTC)
+"""The flow's clock when it posts a reading or report (`issued`; the builders read no clock). The visit's start
+here, so that every date of these resources is one value (test_every_date_time_is_utc_plus_zero_to_the_second)."""
 
 Builder = Callable[[str], dict[str, Any]]
 BUILDERS: dict[str, Builder] = {
     "Encounter": lambda org: build_encounter(ENCOUNTER, org),
     "ServiceRequest": lambda org: build_service_request(SERVICE_REQUEST, org),
-    "Observation": lambda org: build_observation(OBSERVATION, org),
-    "DiagnosticReport": lambda org: build_diagnostic_report(DIAGNOSTIC_REPORT, org),
+    "Observation": lambda org: build_observation(OBSERVATION, org, issued=POSTED),
+    "DiagnosticReport": lambda org: build_diagnostic_report(DIAGNOSTIC_REPORT, org, issued=POSTED),
 }
 EXAMPLE_FILES = {
     "Encounter": "encounter__sid-indonesia__Example-Encounter-Registration-Payload.json",
@@ -163,6 +171,7 @@ OMITTED: dict[str, dict[str, str]] = {
 }
 OMITTED_PATHS: dict[str, str] = {
     "subject.display": "the patient's name: SATUSEHAT needs only the IHS number, and the gateway keeps no names",
+    "statusHistory[].period.end": "the visit is still `arrived` and the input gives no period_end: none is made up",
 }
 """Nested elements of the examples the builders leave out on purpose, with the reason."""
 RESOURCE_TYPES = list(BUILDERS)
@@ -284,7 +293,7 @@ def test_service_request_modality_and_ae_title() -> None:
 
 
 def test_observation_links_and_reading() -> None:
-    built = build_observation(OBSERVATION, ORG)
+    built = build_observation(OBSERVATION, ORG, issued=POSTED)
     assert built["valueString"] == "Tidak tampak kelainan"
     assert built["basedOn"] == [{"reference": f"ServiceRequest/{SERVICE_REQUEST_ID}"}]
     assert built["derivedFrom"] == [{"reference": f"ImagingStudy/{IMAGING_STUDY_ID}"}]
@@ -295,7 +304,7 @@ def test_observation_links_and_reading() -> None:
 
 
 def test_diagnostic_report_links_and_conclusion() -> None:
-    built = build_diagnostic_report(DIAGNOSTIC_REPORT, ORG)
+    built = build_diagnostic_report(DIAGNOSTIC_REPORT, ORG, issued=POSTED)
     assert built["conclusion"] == "Tidak tampak bercak pada kedua lapangan paru"
     assert built["result"] == [{"reference": f"Observation/{OBSERVATION_ID}", "display": "XR Chest PA upright"}]
     assert built["imagingStudy"] == [{"reference": f"ImagingStudy/{IMAGING_STUDY_ID}"}]
@@ -319,7 +328,7 @@ def test_every_date_time_is_utc_plus_zero_to_the_second(resource_type: str) -> N
 def test_the_docs_example_17_35_wib_goes_out_as_10_35_utc(start: str) -> None:
     visit = ENCOUNTER.model_validate({**ENCOUNTER.model_dump(), "period_start": start, "period_end": None})
     built = build_encounter(visit, ORG)
-    assert built["period"] == {"start": "2023-08-23T10:35:00+00:00", "end": "2023-08-23T10:45:00+00:00"}
+    assert built["period"] == {"start": "2023-08-23T10:35:00+00:00"}  # arrived: no end is made up
 
 
 def test_issued_is_injected_not_read_from_a_clock() -> None:
@@ -328,7 +337,8 @@ def test_issued_is_injected_not_read_from_a_clock() -> None:
     report = build_diagnostic_report(DIAGNOSTIC_REPORT, ORG, issued=issued)
     assert observation["issued"] == report["issued"] == "2025-08-01T07:00:00+00:00"
     assert observation["effectiveDateTime"] == "2025-08-01T05:57:41+00:00"
-    assert build_observation(OBSERVATION, ORG)["issued"] == "2025-08-01T05:57:41+00:00"
+    with pytest.raises(FhirBuildError, match="issued"):  # never the visit's start by default
+        build_observation(OBSERVATION, ORG)
     with pytest.raises(ValueError, match="issued"):
         build_observation(OBSERVATION, ORG, issued=datetime(2025, 8, 1, 14, 0))
 
@@ -385,15 +395,16 @@ def test_identifier_values_fall_back_to_the_acsn_deterministically() -> None:
         {**DIAGNOSTIC_REPORT.model_dump(exclude={"identifier_value"}), "noacsn": "20250002"}, context=CONTEXT
     )
     order = SERVICE_REQUEST.model_copy(update={"identifier_value": None})
-    assert build_observation(reading, ORG)["identifier"][0]["value"] == "20250002"
-    assert build_diagnostic_report(report, ORG)["identifier"][0]["value"] == "20250002"
+    assert build_observation(reading, ORG, issued=POSTED)["identifier"][0]["value"] == "20250002"
+    assert build_diagnostic_report(report, ORG, issued=POSTED)["identifier"][0]["value"] == "20250002"
     assert build_service_request(order, ORG)["identifier"][0]["value"] == "20250002"
-    assert build_observation(reading, ORG) == build_observation(reading, ORG)
+    assert build_observation(reading, ORG, issued=POSTED) == build_observation(reading, ORG, issued=POSTED)
     assert resource_identifier_value(OBSERVATION) == "O111111"
 
 
 def test_one_visit_two_exams_get_distinct_order_identifiers() -> None:
-    """The visit number stays on the Encounter; each exam's resources are named by its own ACSN."""
+    """Each exam's resources are named by its own ACSN; the ServiceRequest's servicerequest identifier is the
+    visit number as the existing gateway sent it, and the order is found by its ACSN identifier (issue 16)."""
     second_exam = BATCH4.model_copy(update={"noacsn": "20250003"})
     links = {
         "encounter_id": ENCOUNTER_ID,
@@ -402,12 +413,17 @@ def test_one_visit_two_exams_get_distinct_order_identifiers() -> None:
     }
     builds = {
         "ServiceRequest": lambda order: build_service_request(order, ORG, encounter_id=ENCOUNTER_ID),
-        "Observation": lambda order: build_observation(order, ORG, **links),
-        "DiagnosticReport": lambda order: build_diagnostic_report(order, ORG, **links, observation_id=ENCOUNTER_ID),
+        "Observation": lambda order: build_observation(order, ORG, **links, issued=POSTED),
+        "DiagnosticReport": lambda order: build_diagnostic_report(
+            order, ORG, **links, observation_id=ENCOUNTER_ID, issued=POSTED
+        ),
     }
     for kind, build in builds.items():
-        values = (build(BATCH4)["identifier"][0]["value"], build(second_exam)["identifier"][0]["value"])
+        values = tuple(lookup_identifier(build(order), ORG)[1] for order in (BATCH4, second_exam))
         assert values == ("20250002", "20250003"), kind
+    assert build_service_request(second_exam, ORG, encounter_id=ENCOUNTER_ID)["identifier"][0]["value"] == (
+        "RG2023I0000175"
+    )
     assert build_encounter(BATCH4, ORG)["identifier"][0]["value"] == BATCH4.identifier_value == "RG2023I0000175"
 
 
@@ -418,7 +434,12 @@ def test_batch4_example_builds_all_four_resources() -> None:
     encounter = build_encounter(BATCH4, ORG)
     order = build_service_request(BATCH4, ORG, encounter_id=ENCOUNTER_ID)
     reading = build_observation(
-        BATCH4, ORG, encounter_id=ENCOUNTER_ID, service_request_id=SERVICE_REQUEST_ID, imaging_study_id=IMAGING_STUDY_ID
+        BATCH4,
+        ORG,
+        encounter_id=ENCOUNTER_ID,
+        service_request_id=SERVICE_REQUEST_ID,
+        imaging_study_id=IMAGING_STUDY_ID,
+        issued=POSTED,
     )
     report = build_diagnostic_report(
         BATCH4,
@@ -427,10 +448,11 @@ def test_batch4_example_builds_all_four_resources() -> None:
         service_request_id=SERVICE_REQUEST_ID,
         imaging_study_id=IMAGING_STUDY_ID,
         observation_id=OBSERVATION_ID,
+        issued=POSTED,
     )
     for resource in (encounter, order, reading, report):
         get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    assert encounter["period"] == {"start": "2025-08-01T05:57:41+00:00", "end": "2025-08-01T06:07:41+00:00"}
+    assert encounter["period"] == {"start": "2025-08-01T05:57:41+00:00"}
     assert order["requester"] == {"reference": "Practitioner/10016869420"}  # the attending practitioner
     assert order["performer"] == [{"reference": "Practitioner/10000504193"}]  # the radiologist
     assert order["identifier"][1]["value"] == "20250002"
@@ -447,7 +469,7 @@ def test_batch_builders_need_the_ids_of_what_the_flow_created() -> None:
     batch2 = Batch2Input.model_validate({**OBSERVATION.model_dump(), "conclusion_text": "x"}, context=CONTEXT)
     with pytest.raises(FhirBuildError, match=r"DiagnosticReport\.result.*observation_id"):
         build_diagnostic_report(batch2, ORG)
-    assert build_diagnostic_report(batch2, ORG, observation_id=OBSERVATION_ID)["conclusion"] == "x"
+    assert build_diagnostic_report(batch2, ORG, observation_id=OBSERVATION_ID, issued=POSTED)["conclusion"] == "x"
 
 
 def test_ids_passed_to_a_builder_win_over_the_input() -> None:
@@ -497,7 +519,11 @@ def test_a_builder_bug_is_caught_and_names_the_element(monkeypatch: pytest.Monke
 
 
 def test_validate_resource_names_each_bad_element() -> None:
-    bad = {**build_observation(OBSERVATION, ORG), "valueText": "x", "effectiveDateTime": "2025-08-01T05:57:41"}
+    bad = {
+        **build_observation(OBSERVATION, ORG, issued=POSTED),
+        "valueText": "x",
+        "effectiveDateTime": "2025-08-01T05:57:41",
+    }
     with pytest.raises(FhirBuildError) as caught:
         validate_resource(bad)
     assert "Observation.valueText" in str(caught.value)

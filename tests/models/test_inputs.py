@@ -13,9 +13,6 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from models.inputs import (
-    DEFAULT_ENCOUNTER_DURATION,
-    DEFAULT_EXAM_CODE,
-    DEFAULT_MODALITY,
     Batch1Input,
     Batch2Input,
     Batch3Input,
@@ -152,10 +149,10 @@ def test_batch4_example_from_the_brief_validates_with_its_defaults() -> None:
     batch = validate(Batch4Input, BATCH4_EXAMPLE)
 
     assert batch.period_start == datetime(2025, 8, 1, 5, 57, 41, tzinfo=UTC)
-    assert batch.period_end == batch.period_start + timedelta(minutes=10)
-    assert batch.codind_code == DEFAULT_EXAM_CODE == "24648-8"
-    assert batch.coding_display == "XR Chest PA upright"
-    assert batch.modality == DEFAULT_MODALITY == "DX"
+    assert batch.period_end is None  # an `arrived` visit has no end yet: none is made up
+    assert batch.codind_code is None  # no exam is assumed: the PACS study or the hospital's setting decides
+    assert batch.coding_display is None
+    assert batch.modality is None
     assert batch.requester_ref == "Practitioner/10016869420"  # the attending practitioner
     assert batch.order_performer_ref == "Practitioner/10000504193"  # the radiologist
     assert batch.subject_ref == "Patient/P10443013727"
@@ -183,7 +180,7 @@ def test_unknown_fields_are_ignored() -> None:
 def test_blank_optional_field_counts_as_absent_but_blank_required_field_is_refused() -> None:
     encounter = validate(EncounterInput, {**ENCOUNTER, "period_end": "", "location_id": "  ", "subject_display": ""})
     assert encounter.location_ref is None
-    assert encounter.period_end == encounter.period_start + DEFAULT_ENCOUNTER_DURATION
+    assert encounter.period_end is None
 
     rejected(EncounterInput, {**ENCOUNTER, "identifier_value": ""}, "identifier_value")
     rejected(EncounterInput, {**ENCOUNTER, "identifier_value": "   "}, "identifier_value")
@@ -308,24 +305,15 @@ def test_period_end_in_the_future_is_refused() -> None:
     assert error["type"] == "datetime_in_future"
 
 
-def test_default_period_end_is_start_plus_ten_minutes() -> None:
-    encounter = validate(EncounterInput, ENCOUNTER)
-    assert encounter.period_end == datetime(2025, 8, 1, 6, 7, 41, tzinfo=UTC)
-
-
-def test_default_period_end_of_a_visit_that_just_started_is_now_not_the_future() -> None:
-    recent = validate(EncounterInput, {**ENCOUNTER, "period_start": (NOW - timedelta(minutes=2)).isoformat()})
-    assert recent.period_end == NOW
-
-    ahead = validate(EncounterInput, {**ENCOUNTER, "period_start": (NOW + timedelta(minutes=1)).isoformat()})
-    assert ahead.period_end == ahead.period_start + timedelta(seconds=1)
+def test_no_period_end_is_made_up_for_a_visit_that_is_still_arrived() -> None:
+    assert validate(EncounterInput, ENCOUNTER).period_end is None
 
 
 def test_json_dump_writes_plus_zero_and_parses_back_to_the_same_model() -> None:
     batch = validate(Batch4Input, {**BATCH4_EXAMPLE, "period_start": "2025-08-01T12:57:41"})
     dumped = batch.model_dump(mode="json")
     assert dumped["period_start"] == "2025-08-01T05:57:41+00:00"
-    assert dumped["period_end"] == "2025-08-01T06:07:41+00:00"
+    assert dumped["period_end"] is None
     assert validate(Batch4Input, dumped) == batch
 
 
@@ -344,6 +332,8 @@ def test_json_dump_writes_plus_zero_and_parses_back_to_the_same_model() -> None:
         ("ACC#01", "acsn_character"),
         ("ACC%01", "acsn_character"),
         ("ACC+01", "acsn_character"),
+        ("ACC,01", "acsn_character"),
+        ("ACC$01", "acsn_character"),
         ("AKSÉS01", "not_printable_ascii"),
         ("ACC\x0001", "not_printable_ascii"),
     ],

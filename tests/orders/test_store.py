@@ -50,7 +50,7 @@ def test_add_keeps_the_body_as_given_without_the_patient_name(store: RisStore, b
     assert stored.payload == {key: value for key, value in sent.items() if key != "subject_display"}
     assert (stored.batch, stored.status, stored.attempts) == (batch, PENDING, 0)
     assert stored.patient_ihs == "P10443013727"
-    assert stored.exam_code == "24648-8"  # the input's default, applied before the columns are read
+    assert stored.exam_code == sent.get("codind_code")  # no exam is assumed when the order names none
     assert stored.study_instance_uid == (sent["study"] if batch == 4 else None)
     assert stored.attending_practitioner_id == (None if batch == 2 else "10016869420")
     assert stored.performer_practitioner_id == (None if batch == 1 else "10000504193")

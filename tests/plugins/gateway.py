@@ -58,6 +58,9 @@ def gateway_environment(running: RunningSimulator, orthanc: OrthancServer) -> di
         "SS_ORG_ID": ORG_ID,
         "SS_CLIENT_ID": CLIENT_ID,
         "SS_CLIENT_SECRET": CLIENT_SECRET,
+        # The hospital's exam code (as the demo sets it): the test bodies, like the existing gateway's, carry no
+        # codind_code, and the gateway assumes no exam (issue 16).
+        "DEFAULT_EXAM_CODE": "25045-6",
     }
 
 
