@@ -23,6 +23,7 @@ from prefect import flow
 
 from clients.errors import ImagingStudyNotReady
 from flows.steps import StepRecorder
+from models.fhir import StudyFacts
 from models.inputs import Batch1Input, Batch2Input, Batch3Input, Batch4Input
 from tasks import runtime
 from tasks.artifacts import publish_summary
@@ -33,6 +34,7 @@ from tasks.fhir import (
     post_encounter,
     post_observation,
     post_service_request,
+    resolve_people,
     wait_for_imaging_study,
 )
 
@@ -59,6 +61,7 @@ class Steps:
     wait_for_imaging_study: Callable[..., Awaitable[dict[str, Any]]]
     locate_study: Callable[..., Awaitable[dict[str, Any]]]
     check_router: Callable[..., Awaitable[dict[str, Any]]]
+    resolve_people: Callable[..., Awaitable[Any]]
     route_study: Callable[..., Awaitable[dict[str, Any]]]
     route_study_again: Callable[..., Awaitable[dict[str, Any]]]
     publish: bool = True
@@ -76,6 +79,7 @@ def task_steps() -> Steps:
         wait_for_imaging_study=wait_for_imaging_study,
         locate_study=locate_study,
         check_router=check_router,
+        resolve_people=resolve_people,
         route_study=route_study,
         route_study_again=route_study.with_options(refresh_cache=True),
     )
@@ -93,6 +97,7 @@ def light_steps() -> Steps:
         wait_for_imaging_study=wait_for_imaging_study.fn,
         locate_study=locate_study.fn,
         check_router=check_router.fn,
+        resolve_people=resolve_people.fn,
         route_study=route_study,
         route_study_again=route_study.with_options(refresh_cache=True),
         publish=False,
@@ -111,6 +116,7 @@ async def batch1(payload: Batch1Input) -> dict[str, Any]:
 async def run_batch1(payload: Batch1Input, steps: Steps | None = None) -> dict[str, Any]:
     steps = steps or task_steps()
     run = StepRecorder("batch1")
+    payload = await run.step("people", steps.resolve_people(payload))
     await _order(run, payload, steps)
     if steps.publish:
         await publish_summary("batch1", payload.noacsn, run.created, run.durations_s)
@@ -126,6 +132,7 @@ async def batch2(payload: Batch2Input) -> dict[str, Any]:
 async def run_batch2(payload: Batch2Input, steps: Steps | None = None) -> dict[str, Any]:
     steps = steps or task_steps()
     run = StepRecorder("batch2")
+    payload = await run.step("people", steps.resolve_people(payload))
     links = {
         "encounter_id": payload.encounter_id,
         "service_request_id": payload.service_request_id,
@@ -146,6 +153,7 @@ async def batch3(payload: Batch3Input) -> dict[str, Any]:
 async def run_batch3(payload: Batch3Input, steps: Steps | None = None) -> dict[str, Any]:
     steps = steps or task_steps()
     run = StepRecorder("batch3")
+    payload = await run.step("people", steps.resolve_people(payload))
     links = await _order(run, payload, steps)
     deadline = runtime.settings().imaging_study_deadline_s
     study = await run.step("imaging_study", steps.wait_for_imaging_study(payload.noacsn, 1, deadline))
@@ -165,13 +173,15 @@ async def batch4(payload: Batch4Input) -> dict[str, Any]:
 async def run_batch4(payload: Batch4Input, steps: Steps | None = None) -> dict[str, Any]:
     steps = steps or task_steps()
     run = StepRecorder("batch4")
+    # Before anything is created: a NIK the platform does not know, a study missing from the PACS, one the router
+    # would mangle, or a router that does not answer to ROUTER_AET stops the run with nothing half-sent.
+    payload = await run.step("people", steps.resolve_people(payload))
     acsn = payload.dicom_accession
     patient_id = payload.patientid or payload.subject_id
-    # Before anything is created: a study missing from the PACS, one the router would mangle, or a router that
-    # does not answer to ROUTER_AET stops the run with nothing half-sent.
     study = await run.step("dicom_process", steps.locate_study(study_instance_uid=payload.study))
+    facts = StudyFacts.from_located(study)  # the exam's modality, UID and time, from the PACS
     await run.step("router_echo", steps.check_router())
-    links = await _order(run, payload, steps)
+    links = await _order(run, payload, steps, facts)
     routed = await run.step("dicom_process", steps.route_study(payload.study, acsn, patient_id, study["times"]))
     run.created["dicom_process"] = {key: routed[key] for key in DICOM_PROCESS_KEYS}
     imaging = await run.step(
@@ -181,7 +191,7 @@ async def run_batch4(payload: Batch4Input, steps: Steps | None = None) -> dict[s
     links["imaging_study_id"] = run.created["imaging_study_id"] = imaging["id"]
     if imaging.get("duplicates"):
         run.created["imaging_study_duplicates"] = imaging["duplicates"]
-    await _report(run, payload, links, steps)
+    await _report(run, payload, links, steps, facts)
     summary = {
         **run.created,
         "instances_sent": routed["sent_instance"],
@@ -192,23 +202,39 @@ async def run_batch4(payload: Batch4Input, steps: Steps | None = None) -> dict[s
     return dict(run.created)
 
 
-async def _order(run: StepRecorder, payload: Batch1Input, steps: Steps) -> dict[str, str]:
+async def _order(
+    run: StepRecorder, payload: Batch1Input, steps: Steps, study: StudyFacts | None = None
+) -> dict[str, str]:
     encounter_id = await run.post("encounter", steps.post_encounter(payload), result_key="encounter_id")
     service_request_id = await run.post(
-        "service_request", steps.post_service_request(payload, encounter_id), result_key="service_request_id"
+        "service_request",
+        steps.post_service_request(payload, encounter_id, **_with(study)),
+        result_key="service_request_id",
     )
     return {"encounter_id": encounter_id, "service_request_id": service_request_id}
 
 
-async def _report(run: StepRecorder, payload: Batch2Input | Batch3Input, links: dict[str, str], steps: Steps) -> None:
+async def _report(
+    run: StepRecorder,
+    payload: Batch2Input | Batch3Input,
+    links: dict[str, str],
+    steps: Steps,
+    study: StudyFacts | None = None,
+) -> None:
     observation_id = await run.post(
-        "observation", steps.post_observation(payload, **links), result_key="observation_id"
+        "observation", steps.post_observation(payload, **links, **_with(study)), result_key="observation_id"
     )
     await run.post(
         "diagnostic_report",
-        steps.post_diagnostic_report(payload, **links, observation_id=observation_id),
+        steps.post_diagnostic_report(payload, **links, observation_id=observation_id, **_with(study)),
         result_key="diagnostic_report_id",
     )
+
+
+def _with(study: StudyFacts | None) -> dict[str, StudyFacts]:
+    """`study=` only when the flow knows the PACS study (batch4): the other batches' task inputs, and so their
+    cache keys, stay as they were."""
+    return {"study": study} if study is not None else {}
 
 
 async def _imaging_study(

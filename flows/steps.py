@@ -119,6 +119,8 @@ def failure_sentence(step: str, created: dict[str, Any]) -> str:
         if "observation_id" in created:
             return "Observation created but DiagnosticReport failed"
         return "Failed to create DiagnosticReport"
+    if step == "people":  # a NIK the platform's Patient / Practitioner search does not know
+        return "Failed to resolve NIK"
     return f"Failed at {step.replace('_', ' ')}"
 
 

@@ -98,7 +98,7 @@ async def test_a_changed_exam_code_updates_the_order_reading_and_report(
 ) -> None:
     body, first = await _filed(gateway, upload_study)
     store = gateway.simulator.running.platform.store
-    corrected = {**body, "codind_code": "30746-2", "coding_display": "Portable XR Chest Views"}
+    corrected = {**body, "codind_code": "24627-2", "coding_display": "CT Chest"}
 
     result = await batch4(Batch4Input.model_validate(corrected))
 
@@ -107,7 +107,7 @@ async def test_a_changed_exam_code_updates_the_order_reading_and_report(
     assert "code" in changed["diagnostic_report"]
     for kind, key in (("ServiceRequest", "service_request_id"), ("Observation", "observation_id")):
         codes = [coding["code"] for coding in store.read(kind, first[key])["code"]["coding"]]
-        assert "30746-2" in codes, kind
+        assert "24627-2" in codes, kind
     assert store.read("ServiceRequest", first["service_request_id"])["status"] == "active"  # an order, not a result
     record(store, "batch4 re-sent with another exam code (PUT of order, reading, report)", orders=2, done=2, failed="0")
 

@@ -37,7 +37,7 @@ from tests.plugins.simulator import ORG_ID
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.usefixtures("fast_retries")]
 
 FIRST_PATIENT = "P10443013727"
-SECOND_PATIENT = "P20000000002"
+SECOND_PATIENT = "P00000000002"
 FIRST_READING = "Reading of the first patient: nodul paru kanan"
 
 
@@ -47,7 +47,7 @@ def batch1_body(**overrides: Any) -> dict[str, Any]:
         "subject_id": FIRST_PATIENT,
         "individual_id": "10016869420",
         "period_start": "2025-08-01T05:57:41+00:00",
-        "location_id": "b017aa54-f1df-4ec2-9d84-8823815d7228",
+        "location_id": "ef011065-38c9-46f8-9c35-d1fe68966a3e",
         "noacsn": unique_accession(),
     }
     return {**body, **overrides}
