@@ -49,6 +49,7 @@ class Script:
             wait_for_imaging_study=self.wait,
             locate_study=unused,
             check_router=unused,
+            resolve_people=unused,
             route_study=unused,
             route_study_again=self.route_again,
         )
