@@ -166,7 +166,13 @@ async def test_batch1_dicom_process_batch3_and_batch2(
 
     report = await his.post("/api/satset/batch2", json={**body, **ordered.json(), "imaging_study_id": imaging_study_id})
     assert report.status_code == 200, report.text
-    assert report.json() == {k: whole.json()[k] for k in ("observation_id", "diagnostic_report_id")}
+    # batch2's body dates the reading by its period_start; batch3 knew no study time and sent none: a revision.
+    revised = report.json().pop("revised", [])
+    assert {item["resource"] for item in revised} <= {"observation", "diagnostic_report"}
+    assert all(item["changed"] == ["effectiveDateTime"] for item in revised)
+    assert {k: report.json()[k] for k in ("observation_id", "diagnostic_report_id")} == {
+        k: whole.json()[k] for k in ("observation_id", "diagnostic_report_id")
+    }
     assert gateway.counts() == dict.fromkeys(RESOURCES, 1)
 
 

@@ -104,12 +104,18 @@ def _result(flow: str) -> dict[str, Any]:
 class RecordingFlows(FlowBackend):
     """Records each flow the API starts or queues, answers as the flow would, and knows the runs it queued."""
 
+    store: Any = None
     ran: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     queued: dict[UUID, tuple[FlowRun, str]] = field(default_factory=dict)
 
     async def run(self, flow: str, **parameters: Any) -> Finished:
         self.ran.append((flow, parameters))
-        return Finished(uuid4(), result=_result(flow))
+        result = _result(flow)
+        if "resourceType" in result and self.store is not None:
+            # A single-resource flow returns {resourceType, id}; the API reads the resource from the platform.
+            made = self.store.create({"resourceType": result["resourceType"], "status": "final"})
+            result = {"resourceType": result["resourceType"], "id": made["id"]}
+        return Finished(uuid4(), result=result)
 
     async def queue(self, name: str, parameters: dict[str, Any], idempotency_key: str | None) -> FlowRun:
         flow = name.split("/")[0]
@@ -177,8 +183,8 @@ def hostile_datetimes() -> st.SearchStrategy[str]:
 
 
 @pytest.fixture
-def flows() -> RecordingFlows:
-    return RecordingFlows()
+def flows(simulator: SimulatorSession) -> RecordingFlows:
+    return RecordingFlows(store=simulator.running.platform.store)
 
 
 @pytest.fixture
@@ -518,7 +524,9 @@ def _body_fields(document: dict[str, Any], path: str) -> set[str]:
     return set(document["components"]["schemas"][reference.rsplit("/", 1)[-1]]["properties"])
 
 
-def test_hostile_shapes_answer_4xx_naming_the_field_never_5xx(flows: RecordingFlows) -> None:
+def test_hostile_shapes_answer_4xx_naming_the_field_never_5xx(flows: RecordingFlows, app: FastAPI) -> None:
+    """`app` sets the gateway's environment (a resource is read back from the simulator); this test makes its own
+    app, with a small body limit."""
     from starlette.testclient import TestClient
 
     app = create_app(api_settings(API_MAX_BODY_BYTES=HOSTILE_BODY_LIMIT), flows=flows)

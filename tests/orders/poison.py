@@ -35,7 +35,7 @@ POISONS = [
     Poison("json string", json.dumps("a batch1 body, as text"), "payload"),
     Poison("json null", "null", "payload"),
     Poison("json array", "[1, 2, 3]", "payload"),
-    Poison("wrong types", _batch1(subject_id=10443013727, period_start=True), "subject_id"),
+    Poison("wrong types", _batch1(subject_id=["P10443013727"], period_start=True), "subject_id"),
     Poison("nulls", _batch1(subject_id=None, period_start=None, individual_id=None), "period_start"),
     Poison("date before year 1 in UTC", _batch1(period_start="0001-01-01T00:00:00"), "period_start"),
     Poison("date after 9999 in UTC", _batch1(period_start="9999-12-31T23:59:59-12:00"), "period_start"),

@@ -31,7 +31,10 @@ TEST_REGISTRY: dict[str, list[dict[str, str]]] = {
         {"id": "10000504193", "nik": "9900000000000102", "name": "Dokter Sintetis Radiologi"},
         {"id": "N10000001", "nik": "9900000000000103", "name": "Dokter Sandbox Dokumentasi"},
     ],
-    "Location": [{"id": "ef011065-38c9-46f8-9c35-d1fe68966a3e", "name": "Ruang Radiologi"}],
+    "Location": [
+        {"id": "ef011065-38c9-46f8-9c35-d1fe68966a3e", "name": "Ruang Radiologi"},
+        {"id": "ecff1c64-3f62-4469-b577-ea38f263b276", "name": "Ruang Radiologi (the existing gateway's example)"},
+    ],
 }
 """The people and places the tests' orders name: the simulator resolves every reference, so they are registered
 (the simulator's synthetic seed has them too; this keeps the tests independent of that seed)."""
