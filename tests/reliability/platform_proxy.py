@@ -7,8 +7,9 @@ request has a thread of its own, which may wait. Point the gateway at `auth_url`
 * `received`: every request as it arrived (method, path with its query, headers, body), for tests of what reached
   the platform (tests/security: no patient name in any of it).
 * `hold(method, path_prefix, gate, count)`: the next `count` matching requests wait at `gate`, then go on to the
-  platform unchanged. `Together(n)` lets them go once n requests wait at it (n batches at once; proxies may share
-  one: one proxy per poller process); `Gate` when the test opens it. A gate waits at most `timeout_s`, then lets
+  platform unchanged. `Together(n)` lets them go once n requests wait at it (n batches at once), or, with
+  `distinct=True`, once requests from n proxies sharing it wait (one proxy per poller process: every poller is
+  working); `Gate` when the test opens it. A gate waits at most `timeout_s`, then lets
   the requests through and records that it timed out, so a test asserts its barrier was really met instead of
   trusting the clock. Keep the gateway's SS_TIMEOUT_S above `timeout_s`: a request the gateway gave up on would
   still be forwarded when the gate opens.
@@ -50,30 +51,38 @@ class Waitable(Protocol):
 
 @dataclass
 class Together:
-    """Releases the requests waiting at it once `parties` of them wait together (a threading.Barrier)."""
+    """Holds the requests waiting at it until `parties` of them wait at once, then lets every request through from
+    then on (a latch). With `distinct`, the parties are distinct labels (proxies), not requests: one proxy per
+    poller, and every poller must be there."""
 
     parties: int
+    distinct: bool = False
     timeout_s: float = 180.0
     timed_out: bool = False
     passed: list[str] = field(default_factory=list)
     """The labels (proxy names) of the requests that went through, in order."""
 
     def __post_init__(self) -> None:
-        self._barrier = threading.Barrier(self.parties)
-        self._lock = threading.Lock()
+        self._arrived: list[str] = []
+        self._met = False
+        self._condition = threading.Condition()
 
     def wait(self, label: str) -> None:
-        try:
-            self._barrier.wait(self.timeout_s)
-        except threading.BrokenBarrierError:  # timed out (or broken by one that did): go on, and say so
-            self.timed_out = True
-        with self._lock:
+        with self._condition:
+            self._arrived.append(label)
+            present = set(self._arrived) if self.distinct else self._arrived
+            if len(present) >= self.parties:
+                self._met = True
+                self._condition.notify_all()
+            elif not self._condition.wait_for(lambda: self._met, self.timeout_s):
+                self.timed_out = True  # go on, and say so: the test fails on `met`, not on a hang
             self.passed.append(label)
 
     @property
     def met(self) -> bool:
-        """Every party arrived while the others were still waiting."""
-        return not self.timed_out and len(self.passed) >= self.parties
+        """Every party was there while the others were still waiting."""
+        with self._condition:
+            return self._met and not self.timed_out
 
 
 @dataclass
