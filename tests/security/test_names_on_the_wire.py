@@ -16,13 +16,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
 from api.app import create_app
 from tasks import runtime
 from tests.api.conftest import API_KEY, api_settings
-from tests.api.test_endpoints import wait_for_imageid, without
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadStudy
 from tests.reliability.platform_proxy import PlatformProxy
@@ -58,6 +58,21 @@ NAMES = dict(
 )
 """One name per HIS call, so a finding ('patient name N') names the call that leaked: N is the call's place."""
 RESOURCES = ("Encounter", "ServiceRequest", "ImagingStudy", "Observation", "DiagnosticReport")
+
+
+def without(body: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in keys}
+
+
+async def wait_for_imageid(his: httpx.AsyncClient, acsn: str) -> str:
+    """The router makes the ImagingStudy after the association ends: ask until it is there (404 until then)."""
+    with anyio.fail_after(60):
+        while True:
+            answer = await his.get(f"/api/satset/imageid/{acsn}")
+            if answer.status_code == 200:
+                return str(answer.json()["imagingStudy_id"])
+            assert answer.status_code == 404, answer.text
+            await anyio.sleep(0.2)
 
 
 @pytest.fixture
