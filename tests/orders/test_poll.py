@@ -260,6 +260,9 @@ async def test_a_batch_longer_than_the_lease_keeps_its_claim(
         polling = asyncio.create_task(poll_ris(return_state=True))
         arrived = asyncio.create_task(asyncio.to_thread(gate.wait_for_arrival, HELD_TIMEOUT_S / 2))
         await asyncio.wait({polling, arrived}, return_when=asyncio.FIRST_COMPLETED)
+        if not arrived.done():
+            gate.open()
+            pytest.fail(f"the poll ended before its batch reached the platform: {await (await polling).result()}")
         assert await arrived, "the batch never reached the platform"
         deadline = time.monotonic() + HELD_TIMEOUT_S / 2
         while len(leases) < 4 and not polling.done() and time.monotonic() < deadline:

@@ -106,12 +106,15 @@ class Gate:
             self.timed_out = True
 
     def wait_for_arrival(self, timeout_s: float) -> bool:
-        """Block until a request waits at the gate; False if none came within `timeout_s`."""
+        """Block until a request waits at the gate (True), or the gate is opened or `timeout_s` passes first."""
         with self._arrived:
-            return self._arrived.wait_for(lambda: self.waiting > 0, timeout_s)
+            self._arrived.wait_for(lambda: self.waiting > 0 or self._open.is_set(), timeout_s)
+            return self.waiting > 0
 
     def open(self) -> None:
         self._open.set()
+        with self._arrived:
+            self._arrived.notify_all()
 
 
 @dataclass
