@@ -65,8 +65,10 @@ from clients.router import (
 )
 from models.dicom import EncodedInstance, edit_encoded_for_satusehat, edit_for_satusehat
 from models.settings import Settings
+from stack import dcmtk
 from stack.ports import LOOPBACK, free_port
 from stack.studies import StudySpec, iter_instances
+from tests.plugins.pacs import require_dcmtk
 
 ROUTER_AET = "DCMROUTER"
 DEADLINE_S = 10.0
@@ -254,9 +256,7 @@ def test_tcp_nodelay_is_set_on_the_association_socket(start_scp: Callable[..., R
 
 
 def test_dcmtk_storescp_receives_the_study_as_files(tmp_path: Path) -> None:
-    dcmtk = pytest.importorskip("stack.dcmtk")
-    if dcmtk.find_tool("storescp") is None:
-        pytest.skip("dcmtk storescp is not installed")
+    require_dcmtk("storescp")
     instances = study(StudySpec(series=2, instances_per_series=5))
     expected = {ds.SOPInstanceUID for ds in instances}
 
@@ -1016,9 +1016,7 @@ def test_wire_path_leaves_nothing_for_the_reactor_to_steal(start_scp: Callable[.
 
 
 def test_dcmtk_storescp_receives_the_encoded_study_as_files(tmp_path: Path) -> None:
-    dcmtk = pytest.importorskip("stack.dcmtk")
-    if dcmtk.find_tool("storescp") is None:
-        pytest.skip("dcmtk storescp is not installed")
+    require_dcmtk("storescp")
     instances = study(StudySpec(series=2, instances_per_series=5, rows=256, columns=256))
     pixels = {ds.SOPInstanceUID: ds.PixelData for ds in instances}
 

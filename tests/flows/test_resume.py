@@ -6,6 +6,7 @@ gateway. `fast_retries` keeps the production retry policy but skips its waiting.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from flows.batches import batch4
 from flows.steps import BatchFailed
 from models.inputs import Batch4Input
+from simulator.store import Store
 from tasks import runtime
 from tasks.retry import DICOM_RETRIES, FHIR_RETRIES
 from tests.plugins.gateway import Gateway, batch4_input
@@ -122,15 +124,37 @@ async def test_a_lost_response_never_creates_a_second_resource(
     exactly_one_of_each(gateway)
 
 
+class RefusedTokens:
+    """The simulator's token check, unchanged, recording each token it refused (answered 401)."""
+
+    def __init__(self, store: Store) -> None:
+        self._valid = store.token_valid
+        self.tokens: list[str] = []
+
+    def __call__(self, token: str) -> bool:
+        valid = self._valid(token)
+        if not valid:
+            self.tokens.append(token)
+        return valid
+
+
 async def test_rate_limits_and_expired_tokens_are_ridden_out(
-    gateway: Gateway, upload_study: UploadStudy, fast_retries: None
+    gateway: Gateway, upload_study: UploadStudy, fast_retries: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     body = batch4_input(upload_study(series=1, instances_per_series=2))
     gateway.arm(kind="429", count=3, retry_after_s=0.2, path_prefix="/fhir-r4/v1/ServiceRequest")
     gateway.arm(kind="504", count=2, path_prefix="/fhir-r4/v1/Observation")
-    runtime.satusehat().token()  # a token the platform will forget mid-flow
-    gateway.simulator.running.platform.store.expire_tokens()
+    store = gateway.simulator.running.platform.store
+    expired = runtime.satusehat().token()  # a token the platform will forget mid-flow
+    store.expire_tokens()
+    refused = RefusedTokens(store)
+    monkeypatch.setattr(store, "token_valid", refused)
 
     await batch4(Batch4Input.model_validate(body))
 
+    # Each fault was served, not only armed: an arming that did nothing would leave the same good outcome.
+    served = [event.detail["fault"] for event in store.events(["fault.http"])]
+    assert Counter(served) == {"429": 3, "504": 2}, served
+    assert expired in refused.tokens, "the expired token was never presented, so never refused"
+    assert store.token_count() >= 2  # a fresh token was fetched after the refusal
     exactly_one_of_each(gateway)

@@ -9,12 +9,13 @@ its example carries, except the ones listed in OMITTED with the reason.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
@@ -547,3 +548,96 @@ def test_the_patient_name_is_accepted_but_never_sent_nor_serialised() -> None:
     )
     assert "Budi" not in json.dumps(build_encounter(visit, ORG))
     assert "Budi" not in visit.model_dump_json() and "Budi" not in repr(visit)
+
+
+# --- the patient's name stays in the HIS -------------------------------------------------------------------
+# README, "What a hospital can rely on": `subject_display` (the patient's name) is accepted for compatibility and
+# dropped; SATUSEHAT needs only the IHS number. So no builder, from any input it accepts, may put that name (in any
+# spelling) anywhere in what it builds. Practitioners' and locations' names are not promised away and may be sent.
+
+HIS_PATIENT_NAME = "Kusumaningrum Prameswari"
+EVERY_FIELD: dict[str, Any] = {
+    "identifier_value": "RG2023I0000175",
+    "noacsn": "20250002",
+    "subject_id": "P10443013727",
+    "subject_display": HIS_PATIENT_NAME,
+    "individual_id": "10016869420",
+    "individual_display": "dr. Ariawan Setiadi, Sp.A",
+    **WHEN,
+    "location_id": "ef011065-38c9-46f8-9c35-d1fe68966a3e",
+    "location_display": "Ruang 1A, Poliklinik Rawat Jalan",
+    "encounter_id": ENCOUNTER_ID,
+    "requester_reference": "Practitioner/10016869420",
+    "requester_display": "dr. Ariawan Setiadi, Sp.A",
+    "performer_reference": "Practitioner/10000504193",
+    "performer_id": "10000504193",
+    "performer_display": "dr. Rini Susanti, Sp.Rad",
+    "performer_value": "Tidak tampak kelainan",
+    "reason_text": "Periksa risiko adanya penyakit TB",
+    "ae_title": "CR01",
+    "service_request_id": SERVICE_REQUEST_ID,
+    "imaging_study_id": IMAGING_STUDY_ID,
+    "observation_id": OBSERVATION_ID,
+    "conclusion_text": "Tidak tampak bercak pada kedua lapangan paru",
+    "study": "1.2.840.113619.2.55.3.604688433.783.159975",
+}
+"""Every field the inputs read, filled (so every optional branch of every builder runs), the patient named."""
+LINKED_IDS = {
+    "encounter_id": ENCOUNTER_ID,
+    "service_request_id": SERVICE_REQUEST_ID,
+    "imaging_study_id": IMAGING_STUDY_ID,
+    "observation_id": OBSERVATION_ID,
+}
+
+
+def every_builder() -> list[Callable[..., dict[str, Any]]]:
+    """Every `build_*` function of models/fhir.py, found rather than listed: a new builder is checked too."""
+    return [
+        value
+        for name, value in vars(fhir).items()
+        if name.startswith("build_") and inspect.isfunction(value) and value.__module__ == fhir.__name__
+    ]
+
+
+def with_subclasses(model: type[Any]) -> list[type[Any]]:
+    return [model, *(sub for direct in model.__subclasses__() for sub in with_subclasses(direct))]
+
+
+def builder_inputs() -> list[Any]:
+    """(builder, input model) for every input type each builder's first parameter accepts, subclasses included
+    (the batches' inputs are EncounterInputs too)."""
+    cases = []
+    for builder in every_builder():
+        first = next(iter(inspect.signature(builder).parameters))
+        accepted = get_type_hints(builder)[first]
+        models = {sub for model in (get_args(accepted) or (accepted,)) for sub in with_subclasses(model)}
+        for model in sorted(models, key=lambda model: model.__name__):
+            cases.append(pytest.param(builder, model, id=f"{builder.__name__}-{model.__name__}"))
+    return cases
+
+
+def test_the_name_check_covers_the_four_builders_at_least() -> None:
+    names = {builder.__name__ for builder in every_builder()}
+    assert names >= {"build_encounter", "build_service_request", "build_observation", "build_diagnostic_report"}
+    assert len(builder_inputs()) >= 8
+
+
+@pytest.mark.parametrize(("builder", "model"), builder_inputs())
+def test_no_builder_sends_the_patients_name_from_any_input(builder: Callable[..., Any], model: type[Any]) -> None:
+    from tests.security.leaks import LeakScanner
+
+    source = model.model_validate(EVERY_FIELD, context=CONTEXT)
+    assert source.subject_display == HIS_PATIENT_NAME  # accepted: the builder could reach it
+    keywords: dict[str, Any] = {}
+    for name, parameter in list(inspect.signature(builder).parameters.items())[2:]:
+        if name in LINKED_IDS:
+            keywords[name] = LINKED_IDS[name]
+        elif parameter.default is inspect.Parameter.empty:
+            pytest.fail(f"{builder.__name__} needs {name}: give it here so its output is checked for the name")
+
+    built = json.dumps(builder(source, ORG, **keywords))
+
+    scanner = LeakScanner({"control: the IHS number": EVERY_FIELD["subject_id"]}, [HIS_PATIENT_NAME])
+    found = scanner.scan_text(f"{builder.__name__}({model.__name__})", built)
+    assert [str(f) for f in found if not f.needle.startswith("control")] == []
+    assert [f.needle for f in found] == ["control: the IHS number"]  # the output was read: its patient is there

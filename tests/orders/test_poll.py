@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -25,13 +25,15 @@ from sqlmodel import col
 
 from clients.ris import RisStore
 from flows.poll import poll_ris
-from models.orders import DEAD, DONE, FAILED, PENDING, RadiologyOrder, utcnow
+from models.orders import DEAD, DONE, FAILED, RadiologyOrder, utcnow
 from models.settings import RisSettings, load_settings
+from tasks import runtime
 from tasks.ris import reset_stores
 from tests.orders.bodies import PATIENT_NAME
 from tests.orders.conftest import BACKENDS, database_for
 from tests.plugins.gateway import Gateway, batch4_input
 from tests.plugins.pacs import UploadedStudy, UploadStudy
+from tests.reliability.platform_proxy import Gate, PlatformProxy, Together
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -44,6 +46,8 @@ RESOURCES = {
 }
 BACKOFF_S = 600
 NOTHING = {"claimed": 0, "done": 0, "failed": 0, "dead": 0, "lost": 0}
+HELD_TIMEOUT_S = 300
+"""The gateway's FHIR timeout in tests that hold requests at the platform, above every hold."""
 
 
 def ris_for(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RisStore]:
@@ -171,21 +175,38 @@ async def test_a_retryable_failure_is_retried_after_its_backoff_and_completes_on
     assert gateway.counts() == dict.fromkeys(RESOURCES.values(), 1)
 
 
+@pytest.fixture
+def platform_proxy(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[PlatformProxy]:
+    """The gateway's SATUSEHAT URLs through a proxy in front of the simulator, where a test can hold requests.
+
+    The FHIR timeout is raised above the proxy's longest hold: a held request must never be given up and sent
+    again (the held one would still reach the platform when let through)."""
+    with PlatformProxy(gateway.simulator.running.base_url, "platform") as proxy:
+        monkeypatch.setenv("SS_AUTH_URL", proxy.auth_url)
+        monkeypatch.setenv("SS_BASE_URL", proxy.fhir_url)
+        monkeypatch.setenv("SS_TIMEOUT_S", str(HELD_TIMEOUT_S))
+        runtime.reset()
+        yield proxy
+    runtime.reset()
+
+
 async def test_one_poll_runs_several_orders_at_once_and_one_failure_stops_none(
-    gateway: Gateway, upload_study: UploadStudy, ris: RisStore
+    gateway: Gateway, upload_study: UploadStudy, ris: RisStore, platform_proxy: PlatformProxy
 ) -> None:
     good = [batch4_input(upload_study(series=1, instances_per_series=1)) for _ in range(3)]
     missing = missing_study_body()
     for sent in (good[0], missing, good[1], good[2]):
         ris.add_order(4, sent)
-    # Slow platform calls make each batch last longer than the test Prefect server (SQLite) can stagger subflow
-    # starts when their inserts collide ("database is locked", answered 503): Prefect's client retries after 2 s,
-    # then 4 s. With 0.5 s per call (a batch of about 6 s) a loaded CI machine once started the three batches 7.5 s
-    # apart, one after another; 1.5 s per call makes a batch last about 15 s.
-    gateway.simulator.running.platform.faults.latency_s = 1.5
+    # Each good batch's Encounter POST is held until all three are held at once: they go through only if the poll
+    # runs the three batches at the same time, however slowly each starts (the test Prefect server on SQLite
+    # staggers colliding subflow starts by seconds). Run one after another, the first would wait out the barrier.
+    together = Together(3)
+    platform_proxy.hold("POST", "/fhir-r4/v1/Encounter", together, count=3)
 
     summary = await poll_ris(concurrency=3)
 
+    assert together.met, f"the three batches were never in flight together: {together.passed}"
+    assert together.passed == ["platform"] * 3
     assert summary == {**NOTHING, "claimed": 4, "done": 3, "dead": 1}
     results = [ris.get(sent["noacsn"]).result or {} for sent in good]
     for result in results:
@@ -193,12 +214,6 @@ async def test_one_poll_runs_several_orders_at_once_and_one_failure_stops_none(
     assert len({result["diagnostic_report_id"] for result in results}) == 3
     assert ris.get(missing["noacsn"]).status == DEAD
     assert gateway.counts() == dict.fromkeys(RESOURCES.values(), 3)
-    async with get_client() as client:
-        names = [f"batch4 {sent['noacsn']}" for sent in good]
-        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
-    spans = [(run.start_time, run.end_time) for run in runs if run.start_time and run.end_time]
-    assert len(spans) == 3
-    assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a is not b), "no two batches overlapped"
 
 
 async def test_a_stored_payload_that_no_longer_validates_is_dead_naming_the_field(
@@ -219,40 +234,69 @@ async def test_a_stored_payload_that_no_longer_validates_is_dead_naming_the_fiel
 
 
 async def test_a_batch_longer_than_the_lease_keeps_its_claim(
-    gateway: Gateway, upload_study: UploadStudy, ris: RisStore, monkeypatch: pytest.MonkeyPatch
+    gateway: Gateway,
+    upload_study: UploadStudy,
+    ris: RisStore,
+    platform_proxy: PlatformProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The poller renews its lease while it works: another poller never takes an order that is still running."""
-    lease_s = 2.0
+    """The poller renews its lease while it works: another poller never takes an order that is still running.
+
+    The batch is held at the platform (its Encounter POST waits at a gate) until the test has seen the lease renewed
+    three times in the RIS row; after each renewal, another poller asks for the order at the moment the lease it
+    replaced ran out (a clock the test drives), and must get nothing. Then the gate opens and the batch completes."""
+    lease_s = 6.0  # renewed every 2 s: shorter leases renew so often that their task runs crowd the batch's own on
+    # the test Prefect server (SQLite), which then answers 503 (seen once in 20 runs with a 2 s lease on a loaded host)
     monkeypatch.setenv("ORDER_LEASE_S", str(lease_s))
     sent = batch4_input(upload_study(series=1, instances_per_series=1))
     ris.add_order(4, sent)
-    gateway.simulator.running.platform.faults.latency_s = 0.5  # every platform call: the batch outlasts the lease
+    gate = Gate(timeout_s=HELD_TIMEOUT_S / 2)
+    platform_proxy.hold("POST", "/fhir-r4/v1/Encounter", gate)
     other_poller = RisStore(str(ris.engine.url), lease_s=lease_s)
+    leases: list[datetime] = []
     stolen: list[RadiologyOrder] = []
 
     try:
         polling = asyncio.create_task(poll_ris(return_state=True))
-        deadline = time.monotonic() + 240
-        while ris.get(sent["noacsn"]).status == PENDING and not polling.done() and time.monotonic() < deadline:
-            await asyncio.wait({polling}, timeout=0.05)  # until the poller holds it
-        while not polling.done() and time.monotonic() < deadline:
-            stolen += await asyncio.to_thread(other_poller.claim, "other-poller", 5)
-            await asyncio.wait({polling}, timeout=0.1)
+        arrived = asyncio.create_task(asyncio.to_thread(gate.wait_for_arrival, HELD_TIMEOUT_S / 2))
+        await asyncio.wait({polling, arrived}, return_when=asyncio.FIRST_COMPLETED)
+        if not arrived.done():
+            gate.open()
+            pytest.fail(f"the poll ended before its batch reached the platform: {await (await polling).result()}")
+        assert await arrived, "the batch never reached the platform"
+        deadline = time.monotonic() + HELD_TIMEOUT_S / 2
+        while len(leases) < 4 and not polling.done() and time.monotonic() < deadline:
+            lease = (await asyncio.to_thread(ris.get, sent["noacsn"])).lease_expires_at
+            if lease is not None and (not leases or lease > leases[-1]):
+                if leases:  # renewed: a poller looking when the previous lease ran out finds nothing to take
+                    stolen += await asyncio.to_thread(other_poller.claim, "other-poller", 5, leases[-1])
+                leases.append(lease)
+            await asyncio.wait({polling}, timeout=0.05)
+        gate.open()
         state = await polling
     finally:
+        gate.open()
         other_poller.close()
 
+    assert not gate.timed_out, "the gate opened by its timeout, not by the test"
+    assert len(leases) == 4, f"the lease was renewed {len(leases) - 1} times while the batch was held"
     assert stolen == []
     assert await state.result() == {**NOTHING, "claimed": 1, "done": 1}
     assert ris.get(sent["noacsn"]).attempts == 1
+    # Each renewal is a task run in the Prefect UI. Task runs reach the server as events it writes a little later:
+    # read until the three renewals seen in the RIS row are there (bounded: then the assertion fails).
+    renewals: list[Any] = []
+    records_deadline = time.monotonic() + 60
     async with get_client() as client:
-        renewals = await client.read_task_runs(
-            task_run_filter=TaskRunFilter(
-                name=TaskRunFilterName(like_="renew-lease"),
-                flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+        while len(renewals) < 3 and time.monotonic() < records_deadline:
+            renewals = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(
+                    name=TaskRunFilterName(like_="renew-lease"),
+                    flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+                )
             )
-        )
-    assert len(renewals) >= 3  # renewed every lease/3: the run outlasted the lease, so the test meant something
+            await asyncio.sleep(0 if len(renewals) >= 3 else 0.5)
+    assert len(renewals) >= 3
 
 
 # -- light mode (POLL_ORDER_RUNS=task): one task run per order, the steps inside it --------------------------------

@@ -38,6 +38,15 @@ def require(available: bool, what: str) -> None:
     pytest.skip(f"{what} not installed")
 
 
+def require_dcmtk(tool: str) -> Path:
+    """The dcmtk executable `tool` (storescp, storescu, ...): skipped without it on a developer machine, failed in
+    CI, like Orthanc and the databases."""
+    found = find_tool(tool)
+    require(found is not None, f"dcmtk {tool} (Debian package 'dcmtk')")
+    assert found is not None
+    return found
+
+
 def require_orthanc() -> None:
     require(find_orthanc() is not None, "Orthanc (Debian package 'orthanc')")
     require(find_dicomweb_plugin() is not None, "Orthanc DICOMweb plugin (Debian package 'orthanc-dicomweb')")
@@ -120,7 +129,7 @@ def upload_study(orthanc: OrthancServer) -> Iterator[UploadStudy]:
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     """dcmtk storescp (AE STORESCP) on a free 127.0.0.1 port, writing to tmp_path/"received"."""
-    require(find_tool("storescp") is not None, "dcmtk storescp (Debian package 'dcmtk')")
+    require_dcmtk("storescp")
     with StoreSCP(tmp_path / "received") as scp:
         yield scp
 

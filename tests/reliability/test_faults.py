@@ -348,6 +348,8 @@ async def test_a_transient_failure_status_is_sent_again(matrix: Matrix) -> None:
 
     driven, verdicts = await matrix.run("the router answers C-STORE 0xA700 Out of Resources (2 instances)", orders)
 
+    served = matrix.gateway.simulator.running.platform.store.events(["router.fault"])
+    assert [(e.detail["fault"], e.detail["status"]) for e in served] == [("status", "0xA700")] * 2
     all_done_first_time(driven, verdicts)
 
 

@@ -13,7 +13,10 @@ still has the platform create something per order.
   same identifier was even tried (a second run would POST and be refused as a duplicate, or search and adopt:
   neither may happen); the store holds one of each per order;
 * Prefect: exactly one completed `batch1 <ACSN>` run per order, and no two runs of one order at the same time;
-* the RIS: every row done, holding the platform's ids, and all three pollers took part.
+* the RIS: every row done, holding the platform's ids;
+* all three pollers took part: each poller reaches the platform through a proxy of its own
+  (tests/reliability/platform_proxy.py), and every Encounter POST is held until all three pollers have one held,
+  so the barrier, not the machine's speed, decides that each of them works (the RIS's `claimed_by` is printed).
 
 An order may still be claimed a second time, when its first attempt ended in a recorded failure: the Prefect
 server (on SQLite above all) answers 503 for a while when the machine is overloaded, the client's own retries run
@@ -63,6 +66,7 @@ from tests.deployments.prefect_server import Background, clean_environment, star
 from tests.orders.bodies import body
 from tests.plugins.databases import BACKENDS, fresh_database, server_url
 from tests.plugins.simulator import CLIENT_ID, CLIENT_SECRET, ORG_ID, SimulatorSession
+from tests.reliability.platform_proxy import PlatformProxy, Together
 from tests.reliability.soak import ROOT, CreateCounter, flow_runs, overlapping, runs_by_accession
 
 pytestmark = pytest.mark.integration
@@ -70,6 +74,8 @@ pytestmark = pytest.mark.integration
 POLLERS = 3
 READY_TIMEOUT_S = 120.0
 RECORDS_TIMEOUT_S = 120.0
+HELD_TIMEOUT_S = 300
+"""The pollers' FHIR timeout: above the longest wait at the barrier, so no held request is given up and resent."""
 """How long the task runs' records may take to reach the server's database after the pollers are gone."""
 
 
@@ -85,8 +91,10 @@ class Mode:
 
     @property
     def finish_timeout_s(self) -> float:
-        """Generous: a hang shows as a failure with the pollers' logs, never as a stuck CI run."""
-        return 180.0 + 3.0 * self.orders
+        """Generous: a hang shows as a failure with the pollers' logs, never as a stuck CI run. The base covers a
+        Prefect server on SQLite answering 503 through a client's whole retry chain (about 90 s, seen under load,
+        where 180 s was overrun twice in 20 stressed runs of 16 orders) and the pollers' wait at the barrier."""
+        return 300.0 + 3.0 * self.orders
 
 
 FLOW = Mode("flow", int(os.environ.get("SATSET_POLLER_ORDERS", "30")), poll_batch_size=5)
@@ -143,6 +151,8 @@ def test_three_pollers_process_every_order_exactly_once(
     mode: Mode,
     tmp_path: Path,
 ) -> None:
+    # Two pollers held at the barrier hold at most a claim each: the third must find orders left to claim.
+    assert mode.orders > (POLLERS - 1) * mode.poll_batch_size, "too few orders for every poller to claim one"
     ris = RisStore(ris_url)
     ris.create_schema()
     orders = [body(1) for _ in range(mode.orders)]
@@ -154,9 +164,22 @@ def test_three_pollers_process_every_order_exactly_once(
     ready_dir.mkdir()
     env = _poller_env(simulator, api_url, tmp_path, ris_url, mode, start_file, ready_dir)
     command = [sys.executable, "-m", "tests.reliability.soak", "poller"]
-    pollers = [start_background(f"poller-{n}", command, env, tmp_path, cwd=ROOT) for n in range(POLLERS)]
+    # Each poller reaches the platform through a proxy of its own, and every Encounter POST waits until each of the
+    # three pollers has one waiting: no order is created before all three pollers are working, so none can drain
+    # the table before another has claimed (a poller that waits holds at most one claim's orders).
+    everyone = Together(POLLERS, distinct=True, timeout_s=HELD_TIMEOUT_S / 2)
+    proxies = [PlatformProxy(simulator.running.base_url, f"poller-{n}") for n in range(POLLERS)]
+    pollers = []
     started = time.monotonic()
     try:
+        for n, proxy in enumerate(proxies):
+            proxy.hold("POST", "/fhir-r4/v1/Encounter", everyone, count=2 * mode.orders)
+            through = {
+                "SS_AUTH_URL": proxy.auth_url,
+                "SS_BASE_URL": proxy.fhir_url,
+                "SS_TIMEOUT_S": str(HELD_TIMEOUT_S),
+            }
+            pollers.append(start_background(f"poller-{n}", command, {**env, **through}, tmp_path, cwd=ROOT))
         _wait_all_ready(pollers, ready_dir)
         start_file.touch()  # all imported: they start claiming at the same moment
         _wait_all_exited(pollers, mode.finish_timeout_s)
@@ -164,6 +187,8 @@ def test_three_pollers_process_every_order_exactly_once(
     finally:
         for poller in pollers:
             poller.stop()
+        for proxy in proxies:
+            proxy.close()
         ris.close()
     drained_s = time.monotonic() - started
 
@@ -175,6 +200,9 @@ def test_three_pollers_process_every_order_exactly_once(
     else:
         runs = _settled_task_runs(acsns)
     _judge_exactly_once(orders, rows, runs, creates, simulator)
+    # All three pollers took part: each had an order at the platform while the other two did.
+    assert everyone.met, f"not every poller reached the platform in time: {Counter(everyone.passed)}"
+    assert set(everyone.passed) == {proxy.name for proxy in proxies}
 
     by_poller = Counter(_process_of(row.claimed_by or "") for row in rows.values())
     retried = {acsn: (row.attempts, len(runs[acsn]), row.last_error) for acsn, row in rows.items() if row.attempts > 1}
@@ -221,11 +249,9 @@ def _judge_exactly_once(
     rerun = {acsn: [run["state"] for run in found] for acsn, found in runs.items() if len(found) > 1}
     assert [acsn for acsn, found in runs.items() if len(found) > rows[acsn].attempts] == [], rerun
 
-    # The RIS: a second claim only after a recorded failure; all three pollers took part.
+    # The RIS: a second claim only after a recorded failure.
     unexplained = [acsn for acsn, row in rows.items() if row.attempts > 1 and not row.last_error]
     assert unexplained == []
-    by_poller = Counter(_process_of(row.claimed_by or "") for row in rows.values())
-    assert len(by_poller) == POLLERS, by_poller
 
 
 def _settled_task_runs(acsns: list[str]) -> dict[str, list[dict[str, Any]]]:
