@@ -580,6 +580,10 @@ EVERY_FIELD: dict[str, Any] = {
     "observation_id": OBSERVATION_ID,
     "conclusion_text": "Tidak tampak bercak pada kedua lapangan paru",
     "study": "1.2.840.113619.2.55.3.604688433.783.159975",
+    "codind_code": "24648-8",
+    "encounter_class": "AMB",
+    "reading_time": "2025-08-01T07:10:00+00:00",
+    "report_time": "2025-08-01T07:20:00+00:00",
 }
 """Every field the inputs read, filled (so every optional branch of every builder runs), the patient named."""
 LINKED_IDS = {
