@@ -154,6 +154,7 @@ class Simulator:
             "SS_ORG_ID": ORG_ID,
             "SS_CLIENT_ID": CLIENT_ID,
             "SS_CLIENT_SECRET": CLIENT_SECRET,
+            "DEFAULT_EXAM_CODE": "25045-6",  # the bench orders carry no codind_code; none is assumed
             # batch3 never touches these; the settings require them.
             "DCM4CHEE_URL": "http://127.0.0.1:9/dicom-web",
             "ROUTER_IP": self.urls["router_host"],

@@ -188,6 +188,7 @@ class Stack:
             "SS_ORG_ID": "BENCH01",
             "SS_CLIENT_ID": "bench",
             "SS_CLIENT_SECRET": "bench",
+            "DEFAULT_EXAM_CODE": "25045-6",  # the bench orders carry no codind_code; none is assumed
             "TEMP_DIR": str(self.workdir / "gateway-tmp"),
             **extra,
         }

@@ -569,6 +569,7 @@ def run_soak(config: SoakConfig, workdir: Path, log: Callable[[str], None] = pri
             SS_ORG_ID=ORG_ID,
             SS_CLIENT_ID=CLIENT_ID,
             SS_CLIENT_SECRET=CLIENT_SECRET,
+            DEFAULT_EXAM_CODE="25045-6",  # the orders carry no codind_code; the gateway assumes no exam
             SS_TIMEOUT_S=str(SS_TIMEOUT_S),
             IMAGING_STUDY_DEADLINE_S=str(IMAGING_STUDY_DEADLINE_S),
             TEMP_DIR=str(workdir / "gateway-tmp"),

@@ -318,6 +318,7 @@ def _poller_env(
         SS_ORG_ID=ORG_ID,
         SS_CLIENT_ID=CLIENT_ID,
         SS_CLIENT_SECRET=CLIENT_SECRET,
+        DEFAULT_EXAM_CODE="25045-6",  # the orders carry no codind_code; the gateway assumes no exam
         TEMP_DIR=str(tmp_path / "gateway-tmp"),
         RIS_DATABASE_URL=ris_url,
         POLL_ORDER_RUNS=mode.order_runs,
