@@ -163,9 +163,13 @@ class CreateCounter:
 
 
 def _own_identifier(body: Mapping[str, Any], resource_type: str | None) -> tuple[str, str]:
+    """(type, the identifier value the gateway finds it by): a ServiceRequest's ACSN (its servicerequest
+    identifier is the visit number, as the existing gateway sent it), else the first identifier."""
     kind = str(body.get("resourceType") or resource_type or "?")
-    values = [str(item.get("value")) for item in body.get("identifier") or [] if isinstance(item, dict)]
-    return kind, values[0] if values else "?"
+    items = [item for item in body.get("identifier") or [] if isinstance(item, dict)]
+    acsn = [item for item in items if "/acsn/" in str(item.get("system"))]
+    chosen = acsn if kind == "ServiceRequest" and acsn else items
+    return kind, str(chosen[0].get("value")) if chosen else "?"
 
 
 FHIR_IDS = {
