@@ -342,18 +342,6 @@ def _imaging_summary(resource: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@task(
-    name="read-resource",
-    retries=FHIR_RETRIES,
-    retry_delay_seconds=FHIR_RETRY_DELAYS_S,
-    retry_jitter_factor=JITTER,
-    retry_condition_fn=retry_when_retryable,
-)
-async def read_resource(resource_type: str, resource_id: str) -> dict[str, Any]:
-    """The resource as the platform holds it (what the single-resource endpoints answer with)."""
-    return await call(runtime.satusehat().read, resource_type, resource_id)
-
-
 P = TypeVar("P", bound=GatewayInput)
 
 
